@@ -1,0 +1,153 @@
+"""``pg-prune prune``: search, prune, evaluate and save, with a short report at the end.
+
+With no arguments it runs the embedded default: SmolLM2-135M-Instruct, 30 % of the KV groups and
+30 % of the MLP channels removed, calibrated on the wiki-vital calib split and evaluated on the
+held-out eval split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from ..architectures import SearchSpace, architecture_of
+from ..checkpoint import check_output_dir, save_pruned
+from ..data import DEFAULT_TEXT, calibration_blocks
+from ..evaluation import perplexity
+from ..metrics import METRICS
+from ..models import DEFAULT_MODEL, load_model, resolve_model_dir
+from ..removal import prune_model
+from ..reporting import count_parameters, layer_table, plot_curves, plot_layer_widths
+from ..search import PolicyGradientSearch, SearchConfig
+
+NAME = "prune"
+HELP = "learn which KV groups and MLP channels to remove with the policy-gradient search, then remove them"
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF directory, .gguf file or Hub id (default: {DEFAULT_MODEL}, embedded)")
+    p.add_argument("--text", default=DEFAULT_TEXT,
+                   help="calibration text: wiki-vital (embedded), wikitext2, c4, or a .txt/.jsonl file")
+    p.add_argument("--eval-text", default=None,
+                   help="held-out text for the report (default: the eval split of --text; required for files)")
+    p.add_argument("--output", default="runs/smollm2-pg30", help="directory for the pruned model")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    g = p.add_argument_group("budget")
+    g.add_argument("--sparsity", type=float, default=0.3, help="fraction of units removed (both types)")
+    g.add_argument("--attn-sparsity", type=float, default=None, help="fraction of KV groups removed")
+    g.add_argument("--mlp-sparsity", type=float, default=None, help="fraction of MLP channels removed")
+    g.add_argument("--uniform", action="store_true", help="same keep rate in every layer (stock HF checkpoint)")
+    g.add_argument("--round-to", type=int, default=None, help="kept MLP widths rounded to a multiple of N")
+    s = p.add_argument_group("search (paper defaults except --steps)")
+    s.add_argument("--steps", type=int, default=100, help="optimisation steps (paper: 15000)")
+    s.add_argument("--samples", type=int, default=2, help="mask samples per step, K")
+    s.add_argument("--lr", type=float, default=2e-3, help="score learning rate (cosine to 0)")
+    s.add_argument("--baseline-window", type=int, default=5, help="EMA baseline window W (0: no baseline)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--max-epochs", type=int, default=1, help="passes allowed over the calibration blocks")
+    s.add_argument("--init", choices=METRICS, default="wanda-sp", help="initial metric")
+    s.add_argument("--init-batches", type=int, default=4, help="calibration batches for the initial metric")
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--checkpoint", default=None,
+                   help="search-state file, written every --checkpoint-every steps (default: OUTPUT.search-state.pt)")
+    s.add_argument("--checkpoint-every", type=int, default=25)
+    s.add_argument("--resume", action="store_true", help="continue from an existing --checkpoint file")
+    e = p.add_argument_group("report")
+    e.add_argument("--eval-windows", type=int, default=64,
+                   help="held-out 128-token windows for the dense/pruned perplexity (0: skip)")
+
+
+def _config(args: argparse.Namespace) -> SearchConfig:
+    return SearchConfig(
+        sparsity=args.sparsity, attn_sparsity=args.attn_sparsity, mlp_sparsity=args.mlp_sparsity,
+        global_budget=not args.uniform, steps=args.steps, samples_per_step=args.samples, lr=args.lr,
+        baseline_window=args.baseline_window, batch_size=args.batch_size, max_epochs=args.max_epochs,
+        init=args.init, init_batches=args.init_batches, round_to=args.round_to, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    config = _config(args)  # validates ratios and search settings before any loading
+    output = check_output_dir(args.output, args.overwrite, input_dir=args.model)
+    state_path = Path(args.checkpoint or f"{output}.search-state.pt")
+    if state_path.exists() and not args.resume:
+        raise FileExistsError(f"search state {state_path} exists; pass --resume to continue it or delete it")
+    if args.resume and not state_path.exists():
+        raise FileNotFoundError(f"--resume given but {state_path} does not exist")
+    if Path(args.text).suffix in (".txt", ".jsonl") and args.eval_windows and not args.eval_text:
+        raise ValueError("a local calibration file has no held-out split: pass --eval-text FILE or --eval-windows 0")
+
+    model_dir = resolve_model_dir(args.model)
+    architecture_of(AutoConfig.from_pretrained(model_dir))  # unsupported models fail before weights load
+    model, tokenizer = load_model(model_dir)
+    steps_per_epoch = math.ceil(config.steps / config.max_epochs)
+    calib = calibration_blocks(tokenizer, args.text, args.seq_len, steps_per_epoch * config.batch_size, seed=args.seed)
+    eval_text = args.eval_text or args.text
+
+    def held_out_ppl():
+        if not args.eval_windows:
+            return None
+        return perplexity(model, tokenizer, eval_text, seq_len=128, max_windows=args.eval_windows)
+
+    before_space = SearchSpace.from_model(model)
+    params_before = count_parameters(model)
+    dense_ppl = held_out_ppl()
+
+    search = PolicyGradientSearch(model, calib, config, checkpoint_path=state_path)
+    result = search.run()
+    prune_model(model, result.masks)
+    after_space = SearchSpace.from_model(model)
+    params_after = count_parameters(model)
+    pruned_ppl = held_out_ppl()
+
+    report = {
+        "model": args.model, "calibration": args.text, "config": vars(args) | {"handler": None},
+        "params_before": params_before, "params_after": params_after,
+        "prunable_params_before": before_space.prunable_parameters(),
+        "prunable_params_after": after_space.prunable_parameters(),
+        "dense_ppl": dense_ppl.ppl if dense_ppl else None, "pruned_ppl": pruned_ppl.ppl if pruned_ppl else None,
+        "eval_protocol": str(pruned_ppl) if pruned_ppl else None,
+        "kept_per_layer": [
+            {"q_heads": s.num_attention_heads, "kv_heads": s.num_kv_groups, "mlp": s.intermediate_size}
+            for s in after_space.layers
+        ],
+        "search_seconds": result.seconds, "nan_samples": result.nan_samples,
+    }
+    saved = save_pruned(model, output, tokenizer, overwrite=args.overwrite, input_dir=args.model,
+                        extra_files={"pruning_report.json": json.dumps(report, indent=2)})
+    result.save(saved / "search_result.pt")
+    plot_layer_widths(before_space, after_space, saved / "kept_per_layer.png",
+                      title=f"{args.model}: kept fraction per layer")
+    plot_curves({"mean sample loss": result.history["loss"], "baseline": result.history["baseline"]},
+                saved / "search_loss.png", ylabel="cross-entropy")
+    state_path.unlink(missing_ok=True)
+
+    lines = [
+        "",
+        f"pruned {args.model}: {params_before:,} -> {params_after:,} parameters "
+        f"({100 * (1 - params_after / params_before):.1f}% fewer; prunable q/k/v/o/gate/up/down "
+        f"{100 * (1 - after_space.prunable_parameters() / before_space.prunable_parameters()):.1f}% fewer)",
+    ]
+    if dense_ppl:
+        lines.append(f"held-out perplexity: dense {dense_ppl.ppl:.2f} -> pruned {pruned_ppl.ppl:.2f} "
+                     f"({pruned_ppl.n_windows} windows x {pruned_ppl.seq_len} tokens of {pruned_ppl.source})")
+    lines += [
+        layer_table(before_space, after_space),
+        f"search: {config.steps} steps x {config.samples_per_step} samples in {result.seconds:.0f} s; "
+        f"total wall time {time.perf_counter() - t0:.0f} s",
+        f"written to {saved} (load with pg_pruning_plugin.load_pruned; plots kept_per_layer.png, search_loss.png)",
+    ]
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,198 @@
+"""Initial per-unit importance metrics from forward statistics only (no backpropagation).
+
+* ``wanda-sp``: ``|W| ⊙ sqrt(a)`` of o_proj/down_proj with ``a_c`` the mean squared norm of input
+  channel c; computed layer by layer, each layer seeing the previous layers with their per-layer
+  uniform init mask applied (method.md §7.1). Attention: sum over a head's ``d`` channels, mean
+  over the ``n_rep`` query heads of a KV group.
+* ``flap``: FLAP's weighted input-feature variance ``Var_t(x_c) · ‖W_{:,c}‖²``, grouped the same way
+  (also layer by layer under the init mask).
+* ``magnitude``: squared L2 norm of all weights coupled to the unit (q/k/v rows + o columns, or
+  gate/up rows + down column): Torch-Pruning's group magnitude with sum reduction.
+* ``random``: standard-normal noise (seeded); ``constant``: all equal.
+
+Higher means more important everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .architectures import SearchSpace, decoder_layers
+from .masking import UnitMasks, masked
+from .policy import top_k_mask
+
+__all__ = ["METRICS", "UnitScores", "compute_metric"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("wanda-sp", "flap", "magnitude", "random", "constant")
+_ACTIVATION_METRICS = ("wanda-sp", "flap")
+
+
+@dataclass
+class UnitScores:
+    """One value per unit, flat per type in :class:`SearchSpace` order."""
+
+    attn: torch.Tensor  # [num_attn_units]
+    mlp: torch.Tensor  # [num_mlp_units]
+
+
+class _InputStats:
+    """Per-input-channel running sum, sum of squares and token count of a Linear's input."""
+
+    def __init__(self, module: nn.Linear):
+        n = module.in_features
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.sq = torch.zeros(n, dtype=torch.float64)
+        self.tokens = 0
+        self.handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).double().cpu()  # [tokens, C]
+        self.sum += x.sum(0)
+        self.sq += (x * x).sum(0)
+        self.tokens += x.shape[0]
+
+    def mean_sq(self) -> torch.Tensor:
+        return self.sq / max(self.tokens, 1)
+
+    def variance(self) -> torch.Tensor:
+        mean = self.sum / max(self.tokens, 1)
+        return (self.sq / max(self.tokens, 1) - mean * mean).clamp_min(0)
+
+
+def _per_channel(method: str, stats: _InputStats, weight: torch.Tensor) -> torch.Tensor:
+    w = weight.detach().double().cpu()
+    if method == "wanda-sp":
+        return (w.abs() * stats.mean_sq().sqrt()[None, :]).mean(0)
+    return stats.variance() * (w * w).sum(0)  # flap
+
+
+def _group_heads(per_channel: torch.Tensor, n_kv: int, n_rep: int, head_dim: int) -> torch.Tensor:
+    """[n_q·d] channel values -> [n_kv]: sum over each head's d channels, mean over a group's heads."""
+    return per_channel.view(n_kv, n_rep, head_dim).sum(-1).mean(-1)
+
+
+def _magnitude(model: nn.Module, space: SearchSpace) -> UnitScores:
+    spec = space.spec
+    attn, mlp = [], []
+    for layer, shape in zip(decoder_layers(model), space.layers):
+        a, m = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        sq = lambda lin, dim: lin.weight.detach().double().pow(2).sum(dim)  # noqa: E731
+        q = sq(getattr(a, spec.q), 1).view(shape.num_kv_groups, -1).sum(1)
+        k = sq(getattr(a, spec.k), 1).view(shape.num_kv_groups, -1).sum(1)
+        v = sq(getattr(a, spec.v), 1).view(shape.num_kv_groups, -1).sum(1)
+        o = sq(getattr(a, spec.o), 0).view(shape.num_kv_groups, -1).sum(1)
+        attn.append(q + k + v + o)
+        mlp.append(sq(getattr(m, spec.gate), 1) + sq(getattr(m, spec.up), 1) + sq(getattr(m, spec.down), 0))
+    return UnitScores(torch.cat(attn).float(), torch.cat(mlp).float())
+
+
+def _capture_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """Hidden states entering layer 0 and each layer's keyword arguments, per batch (one dense pass)."""
+    layers = decoder_layers(model)
+    hidden, kwargs = [], [[None] * len(layers) for _ in batches]
+    current = {}
+
+    def make_hook(i: int):
+        def hook(module, args, kw):
+            if i == 0:
+                hidden.append(args[0] if args else kw.pop("hidden_states"))
+            kw = dict(kw)
+            kw.pop("hidden_states", None)
+            kwargs[current["batch"]][i] = (args[1:], kw)
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for b, ids in enumerate(batches):
+            current["batch"] = b
+            model(input_ids=ids.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def compute_metric(
+    model: nn.Module,
+    space: SearchSpace,
+    method: str,
+    batches: Sequence[torch.Tensor] = (),
+    keep_ratio: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> UnitScores:
+    """Per-unit importance of ``method`` (one of :data:`METRICS`).
+
+    Activation metrics need calibration ``batches`` (``[B, T]`` token ids) and use ``keep_ratio``
+    for the per-layer init mask applied to earlier layers while later layers are measured.
+    """
+    if method not in METRICS:
+        raise ValueError(f"unknown init metric {method!r}; choose one of {', '.join(METRICS)}")
+    if method == "magnitude":
+        return _magnitude(model, space)
+    if method == "random":
+        g = torch.Generator().manual_seed(seed)
+        return UnitScores(torch.randn(space.num_attn_units, generator=g), torch.randn(space.num_mlp_units, generator=g))
+    if method == "constant":
+        return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units))
+    if not batches:
+        raise ValueError(f"the {method} metric needs calibration batches")
+
+    spec = space.spec
+    was_training = model.training
+    model.eval()
+    hidden, layer_kwargs = _capture_layer_inputs(model, batches)
+    attn_scores, mlp_scores = [], []
+    layers = decoder_layers(model)
+    for i, layer in enumerate(tqdm(layers, desc=f"{method} metric", disable=not progress, leave=False)):
+        shape = space.layers[i]
+        o_proj = getattr(getattr(layer, spec.attention), spec.o)
+        down_proj = getattr(getattr(layer, spec.mlp), spec.down)
+        o_stats, down_stats = _InputStats(o_proj), _InputStats(down_proj)
+        try:
+            for b, h in enumerate(hidden):
+                args, kw = layer_kwargs[b][i]
+                layer(h, *args, **kw)
+        finally:
+            o_stats.handle.remove()
+            down_stats.handle.remove()
+        attn = _group_heads(_per_channel(method, o_stats, o_proj.weight), shape.num_kv_groups,
+                            shape.queries_per_group, shape.head_dim)
+        mlp = _per_channel(method, down_stats, down_proj.weight)
+        attn_scores.append(attn.float())
+        mlp_scores.append(mlp.float())
+        # Propagate through this layer with its per-layer uniform init mask (a one-layer search space).
+        layer_masks = UnitMasks(
+            top_k_mask(attn, keep_ratio, [0, attn.numel()], global_pool=False),
+            top_k_mask(mlp, keep_ratio, [0, mlp.numel()], global_pool=False),
+        )
+        one_layer = _single_layer_space(space, i)
+        with masked(_LayerAsModel(layer), one_layer, layer_masks):
+            for b, h in enumerate(hidden):
+                args, kw = layer_kwargs[b][i]
+                out = layer(h, *args, **kw)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+    model.train(was_training)
+    return UnitScores(torch.cat(attn_scores), torch.cat(mlp_scores))
+
+
+class _LayerAsModel(nn.Module):
+    """Presents one decoder layer as a model with ``model.layers == [layer]`` for :func:`masked`."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layers = nn.ModuleList([layer])
+
+
+def _single_layer_space(space: SearchSpace, i: int) -> SearchSpace:
+    return SearchSpace(space.spec, [space.layers[i]], space.hidden_size, space.model_type)

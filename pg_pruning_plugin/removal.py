@@ -1,0 +1,144 @@
+"""Physical removal of KV groups and MLP channels through Torch-Pruning's DependencyGraph.
+
+For each layer the graph gives the coupled group of a removal: ``o_proj`` input columns of a KV
+group pull in its ``q_proj`` rows and, through the GQA mapping of ``repeat_kv``, its ``k_proj`` and
+``v_proj`` rows; ``gate_proj`` rows pull in ``up_proj`` rows and ``down_proj`` columns. The known
+Torch-Pruning 1.6.1 pitfalls on transformers 5 are avoided here, without patching the library:
+tracing uses eager attention and ``use_cache=False`` (bugs 1, 2); duplicated GQA indices are
+removed before pruning and groups are never checked with the duplicate-counting check (bug 3);
+each group must contain exactly the expected Linear members, or removal stops with an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch_pruning as tp
+
+from .architectures import SearchSpace, decoder_layers
+from .metrics import UnitScores
+
+__all__ = ["GroupLayoutError", "dependency_graph", "prune_model", "update_config"]
+
+logger = logging.getLogger(__name__)
+
+
+class GroupLayoutError(RuntimeError):
+    """Torch-Pruning coupled a removal with modules other than the expected projections."""
+
+
+@contextmanager
+def tracing_mode(model: nn.Module) -> Iterator[None]:
+    """Eager attention and no KV cache while Torch-Pruning traces; restored afterwards."""
+    config = model.config
+    attn_impl, use_cache = config._attn_implementation, getattr(config, "use_cache", None)
+    model.set_attn_implementation("eager")
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(attn_impl)
+        config.use_cache = use_cache
+
+
+def dependency_graph(model: nn.Module, example_input_ids: torch.Tensor | None = None) -> tp.DependencyGraph:
+    """Trace ``model`` into a Torch-Pruning graph with the settings that work on transformers 5."""
+    if example_input_ids is None:
+        example_input_ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 8))
+    device = next(model.parameters()).device
+    with tracing_mode(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(
+            model,
+            example_inputs={"input_ids": example_input_ids.to(device), "use_cache": False},
+            output_transform=lambda out: out.logits,
+        )
+
+
+def _execute(group, expected: dict[nn.Module, str]) -> None:
+    """Prune ``group`` with de-duplicated indices after checking it touches exactly ``expected``."""
+    touched = {}
+    for dep, idxs in group:
+        module = dep.target.module
+        if isinstance(module, nn.Linear) or module in expected:
+            fn = dep.handler.__name__
+            touched[module] = fn
+            if expected.get(module) != fn:
+                raise GroupLayoutError(
+                    f"Torch-Pruning coupled {dep.target.name} ({fn}) with this removal, which the plugin does not "
+                    f"expect; the group was:\n{group.details()}"
+                )
+    missing = [m for m in expected if m not in touched]
+    if missing:
+        raise GroupLayoutError(f"removal group lacks {len(missing)} expected projections:\n{group.details()}")
+    for dep, idxs in group:
+        module = dep.target.module
+        if module in expected:
+            dep(sorted(set(int(i) for i in idxs)))
+
+
+def prune_model(model: nn.Module, masks: UnitScores, graph: tp.DependencyGraph | None = None) -> nn.Module:
+    """Remove every unit whose mask is 0, in place, and update the config; returns ``model``.
+
+    The result computes the same logits as ``model`` under :func:`masking.masked` with ``masks``.
+    """
+    space = SearchSpace.from_model(model)
+    if masks.attn.numel() != space.num_attn_units or masks.mlp.numel() != space.num_mlp_units:
+        raise ValueError(
+            f"masks cover {masks.attn.numel()} KV groups and {masks.mlp.numel()} MLP channels; the model has "
+            f"{space.num_attn_units} and {space.num_mlp_units}"
+        )
+    for i in range(space.num_layers):
+        if masks.attn[space.attn_slice(i)].sum() < 1 or masks.mlp[space.mlp_slice(i)].sum() < 1:
+            raise ValueError(f"masks remove every unit of layer {i}; at least one KV group and channel must stay")
+    graph = graph or dependency_graph(model)
+    spec = space.spec
+    for i, layer in enumerate(decoder_layers(model)):
+        shape = space.layers[i]
+        attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        q, k, v, o = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
+        gate, up, down = (getattr(mlp, n) for n in (spec.gate, spec.up, spec.down))
+        removed_groups = (masks.attn[space.attn_slice(i)] == 0).nonzero().flatten().tolist()
+        if removed_groups:
+            width = shape.queries_per_group * shape.head_dim
+            q_idxs = [g * width + j for g in removed_groups for j in range(width)]
+            group = graph.get_pruning_group(o, tp.prune_linear_in_channels, q_idxs)
+            _execute(group, {o: "prune_in_channels", q: "prune_out_channels",
+                             k: "prune_out_channels", v: "prune_out_channels"})
+        removed_channels = (masks.mlp[space.mlp_slice(i)] == 0).nonzero().flatten().tolist()
+        if removed_channels:
+            group = graph.get_pruning_group(gate, tp.prune_linear_out_channels, removed_channels)
+            _execute(group, {gate: "prune_out_channels", up: "prune_out_channels", down: "prune_in_channels"})
+    for module in model.modules():
+        if isinstance(module, nn.Linear):  # Torch-Pruning counts duplicated indices (bug 3b)
+            module.out_features, module.in_features = module.weight.shape
+    update_config(model)
+    return model
+
+
+def update_config(model: nn.Module) -> None:
+    """Write the current per-layer widths into the model and its config.
+
+    Always records ``pruned_layers`` (one dict per layer); when every layer is equal the standard
+    fields (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) are set too, so
+    stock ``from_pretrained`` loads the checkpoint.
+    """
+    space = SearchSpace.from_model(model)
+    config = model.config.get_text_config()
+    widths = [
+        {"num_attention_heads": s.num_attention_heads, "num_key_value_heads": s.num_kv_groups,
+         "intermediate_size": s.intermediate_size}
+        for s in space.layers
+    ]
+    for layer, shape in zip(decoder_layers(model), space.layers):
+        attn = getattr(layer, space.spec.attention)
+        attn.num_key_value_groups = shape.queries_per_group
+        getattr(layer, space.spec.mlp).intermediate_size = shape.intermediate_size
+    config.head_dim = space.layers[0].head_dim
+    config.pruned_layers = widths
+    if all(w == widths[0] for w in widths):
+        for key, value in widths[0].items():
+            setattr(config, key, value)
