@@ -13,7 +13,12 @@ import torch
 
 __all__ = [
     "EPS",
+    "ESTIMATORS",
+    "antithetic_gradient",
     "estimate_gradient",
+    "policy_gradient",
+    "sample_masks",
+    "usable_samples",
     "project_to_budget",
     "project_pools",
     "scores_from_metric",
@@ -21,6 +26,10 @@ __all__ = [
 ]
 
 EPS = 1e-7
+
+# authors: EMA baseline (method.md §4-§5); loo: leave-one-out baseline over the K samples;
+# antithetic: K/2 pairs drawn with uniforms u and 1-u, DisARM estimator per pair.
+ESTIMATORS = ("authors", "loo", "antithetic")
 
 
 def estimate_gradient(
@@ -36,6 +45,69 @@ def estimate_gradient(
     advantage = (losses - baseline).to(probs.dtype)  # [K]
     score = (masks.to(probs.dtype) - probs) / torch.sqrt((probs + EPS) * (1 - probs + EPS))  # [K, n]
     return advantage @ score / (k - 1)
+
+
+def antithetic_gradient(
+    losses: torch.Tensor,  # [K] losses; rows 2i and 2i+1 form an antithetic pair
+    masks: torch.Tensor,  # [K, n] masks drawn by ``sample_masks(..., antithetic=True)``
+    probs: torch.Tensor,  # [n]
+) -> torch.Tensor:  # [n]
+    """DisARM (Dong et al., 2020) over antithetic pairs, on the authors' scale.
+
+    Per pair ``(a, b)`` the logit gradient is ``½ (L_a − L_b)(m_a − m_b) σ(|θ|)`` with
+    ``σ(|θ|) = max(s, 1 − s)``; its mean over pairs is unbiased for ``∂E[L]/∂θ`` and needs no
+    baseline. It is multiplied by ``K/(K−1) / sqrt((s+ε)(1−s+ε))``, the factor that turns
+    ``∂E[L]/∂θ`` into the expectation of :func:`estimate_gradient` with a constant baseline, so
+    the learning rate means the same for every estimator.
+    """
+    k = losses.shape[0]
+    if k < 2 or k % 2:
+        raise ValueError("the antithetic estimator needs an even number (>= 2) of samples")
+    diff = (losses[0::2] - losses[1::2]).to(probs.dtype)  # [K/2]
+    disagree = masks[0::2].to(probs.dtype) - masks[1::2].to(probs.dtype)  # [K/2, n] in {-1, 0, 1}
+    logit_grad = 0.5 * (diff @ disagree) / (k // 2) * torch.maximum(probs, 1 - probs)
+    return logit_grad * (k / (k - 1)) / torch.sqrt((probs + EPS) * (1 - probs + EPS))
+
+
+def policy_gradient(estimator: str, losses: torch.Tensor, masks: torch.Tensor, probs: torch.Tensor,
+                    baseline: float) -> torch.Tensor:
+    """The gradient estimate of ``estimator`` (one of :data:`ESTIMATORS`); ``baseline`` is the EMA.
+
+    ``loo`` is the authors' formula with sample j's baseline ``b_j = mean_{i≠j} L_i`` instead of
+    the EMA: since ``L_j − b_j = K/(K−1)·(L_j − L̄)`` it is ``K/(K−1)`` times
+    :func:`estimate_gradient` with the baseline ``L̄``. Every estimator has the expectation of the
+    authors' one with a constant baseline, so one learning rate means the same step for all.
+    """
+    if estimator == "authors":
+        return estimate_gradient(losses, masks, probs, baseline)
+    if estimator == "loo":
+        k = losses.shape[0]
+        return estimate_gradient(losses, masks, probs, float(losses.mean())) * (k / (k - 1))
+    if estimator == "antithetic":
+        return antithetic_gradient(losses, masks, probs)
+    raise ValueError(f"unknown estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+
+
+def sample_masks(probs: torch.Tensor, num_samples: int, generator: torch.Generator,
+                 antithetic: bool = False) -> torch.Tensor:
+    """``[K, n]`` Bernoulli(``probs``) keep masks ``m = [u < s]``.
+
+    With ``antithetic`` rows ``2i`` and ``2i+1`` use the uniforms ``u`` and ``1 − u`` (K even).
+    """
+    if not antithetic:
+        return (torch.rand(num_samples, probs.numel(), generator=generator) < probs).float()
+    if num_samples % 2:
+        raise ValueError("antithetic sampling needs an even number of samples")
+    u = torch.rand(num_samples // 2, probs.numel(), generator=generator)
+    return (torch.stack([u, 1 - u], dim=1).flatten(0, 1) < probs).float()
+
+
+def usable_samples(losses: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Bool ``[K]``: finite losses; for ``antithetic`` both members of a pair must be finite."""
+    finite = torch.isfinite(losses)
+    if estimator == "antithetic":
+        finite = finite.view(-1, 2).all(dim=1).repeat_interleave(2)
+    return finite
 
 
 def project_to_budget(s: torch.Tensor, budget: float, tol: float = 1e-3, max_iter: int = 20) -> torch.Tensor:

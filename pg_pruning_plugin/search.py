@@ -9,7 +9,9 @@ One step (method.md §3–§6)::
     s  <- project(s) onto Σ s = r·n        per unit type, globally or per layer
     lr_t: cosine from lr to 0 over all steps
 
-The model is never modified: masks act through hooks that are removed after every forward.
+The model is never modified: masks act through hooks that are removed after every forward
+(``execution="gather"`` swaps in the kept weights for the duration of one forward, see subnetwork.py).
+``estimator`` replaces the authors' estimator by a leave-one-out or antithetic one (policy.py).
 """
 
 from __future__ import annotations
@@ -31,11 +33,15 @@ from tqdm.auto import tqdm
 from .architectures import ARCHITECTURES, LayerShape, SearchSpace
 from .masking import UnitMasks, masked
 from .metrics import METRICS, UnitScores, compute_metric
-from .policy import estimate_gradient, project_pools, scores_from_metric, top_k_mask
+from .policy import (ESTIMATORS, policy_gradient, project_pools, sample_masks, scores_from_metric, top_k_mask,
+                     usable_samples)
+from .subnetwork import subnetwork
 
 __all__ = ["PolicyGradientSearch", "ResumeError", "SearchConfig", "SearchResult"]
 
 logger = logging.getLogger(__name__)
+
+EXECUTIONS = ("mask", "gather")  # masking.masked / subnetwork.subnetwork
 
 
 class ResumeError(ValueError):
@@ -67,6 +73,8 @@ class SearchConfig:
     seed: int = 42
     checkpoint_every: int = 100
     samples_in_one_forward: bool = True  # evaluate the K samples as one [K·B, T] batch
+    estimator: str = "authors"  # one of policy.ESTIMATORS: authors | loo | antithetic
+    execution: str = "mask"  # mask: zero dropped units; gather: skip them, one forward per sample
 
     def __post_init__(self) -> None:
         for name in ("sparsity", "attn_sparsity", "mlp_sparsity"):
@@ -81,6 +89,12 @@ class SearchConfig:
             raise ValueError(f"init={self.init!r}; choose one of {', '.join(METRICS)}")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError("round_to must be a positive integer")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+        if self.estimator == "antithetic" and self.samples_per_step % 2:
+            raise ValueError("the antithetic estimator needs an even samples_per_step (pairs u, 1-u)")
+        if self.execution not in EXECUTIONS:
+            raise ValueError(f"execution={self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
 
     @property
     def attn_keep(self) -> float:
@@ -149,18 +163,21 @@ def hard_masks(probs: UnitScores, space: SearchSpace, config: SearchConfig) -> U
 
 
 def sample_losses(model: nn.Module, space: SearchSpace, batch: dict[str, torch.Tensor], masks: UnitMasks,
-                  one_forward: bool = True) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``batch`` under each mask sample: ``[S]``."""
-    if not one_forward:
+                  one_forward: bool = True, execution: str = "mask") -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch`` under each mask sample: ``[S]``.
+
+    ``execution="gather"`` runs each sample's sub-network (one forward per sample).
+    """
+    if masks.num_samples > 1 and (not one_forward or execution == "gather"):
         return torch.cat([
-            sample_losses(model, space, batch, UnitMasks(masks.attn[j], masks.mlp[j]))
+            sample_losses(model, space, batch, UnitMasks(masks.attn[j], masks.mlp[j]), execution=execution)
             for j in range(masks.num_samples)
         ])
     s = masks.num_samples
     ids = batch["input_ids"].repeat(s, 1)  # [S·B, T], sample-major
     attention_mask = batch.get("attention_mask")
     labels = ids if attention_mask is None else ids.masked_fill(attention_mask.repeat(s, 1) == 0, -100)
-    with masked(model, space, masks):
+    with (subnetwork if execution == "gather" else masked)(model, space, masks):
         logits = model(
             input_ids=ids, attention_mask=None if attention_mask is None else attention_mask.repeat(s, 1),
             use_cache=False,
@@ -288,12 +305,13 @@ class PolicyGradientSearch:
         try:
             for step in bar:
                 lr = _cosine_lr(cfg.lr, step, cfg.steps)
-                m_attn = (torch.rand(cfg.samples_per_step, space.num_attn_units, generator=gen) < state["attn"]).float()
-                m_mlp = (torch.rand(cfg.samples_per_step, space.num_mlp_units, generator=gen) < state["mlp"]).float()
+                antithetic = cfg.estimator == "antithetic"
+                m_attn = sample_masks(state["attn"], cfg.samples_per_step, gen, antithetic)
+                m_mlp = sample_masks(state["mlp"], cfg.samples_per_step, gen, antithetic)
                 batch = {k: v.to(device) for k, v in self._batch(step).items()}
                 losses = sample_losses(self.model, space, batch, UnitMasks(m_attn, m_mlp),
-                                       cfg.samples_in_one_forward).cpu()  # [K]
-                valid = torch.isfinite(losses)
+                                       cfg.samples_in_one_forward, cfg.execution).cpu()  # [K]
+                valid = usable_samples(losses, cfg.estimator)
                 state["nan_samples"] += int((~valid).sum())
                 if int(valid.sum()) >= 2:
                     losses, m_attn, m_mlp = losses[valid], m_attn[valid], m_mlp[valid]
@@ -307,10 +325,10 @@ class PolicyGradientSearch:
                         baseline = (1 - 1 / w) * state["baseline"] + mean_loss / w
                     state["baseline"] = baseline
                     state["attn"] = project_pools(
-                        state["attn"] - lr * estimate_gradient(losses, m_attn, state["attn"], baseline),
+                        state["attn"] - lr * policy_gradient(cfg.estimator, losses, m_attn, state["attn"], baseline),
                         cfg.attn_keep, attn_pools)
                     state["mlp"] = project_pools(
-                        state["mlp"] - lr * estimate_gradient(losses, m_mlp, state["mlp"], baseline),
+                        state["mlp"] - lr * policy_gradient(cfg.estimator, losses, m_mlp, state["mlp"], baseline),
                         cfg.mlp_keep, mlp_pools)
                     for key, value in (("loss", mean_loss), ("baseline", baseline), ("lr", lr)):
                         state["history"][key].append(value)

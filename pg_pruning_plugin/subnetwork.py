@@ -1,0 +1,139 @@
+"""Sub-network execution: the units a mask sample drops are skipped, not multiplied by zero.
+
+Inside ``with subnetwork(model, space, masks)`` (one mask sample) every decoder layer runs on
+``index_select``-ed copies of its kept weights: the q/k/v rows (and biases) and o_proj columns of
+the kept KV groups, the gate/up rows (and biases) and down_proj columns of the kept MLP channels.
+Whole KV groups go, so each layer's ``num_key_value_groups`` (query heads per KV head) is
+unchanged and the attention reshapes with ``-1`` heads adapt to the narrower projections.
+
+* The copies are made by a forward pre-hook of each layer and dropped by its forward hook, so at
+  most one layer's kept weights exist twice; a layer keeping every unit is not touched at all.
+* A block keeping no unit (possible under Bernoulli sampling) returns its output projection's
+  bias, or exactly zero without one, as the masked-multiply path does.
+* The original parameters, hooks and ``forward`` attributes are restored when the context exits,
+  also on error: afterwards the model is exactly as before.
+
+The losses equal those of :func:`pg_pruning_plugin.masking.masked` up to float rounding
+(fewer terms in each sum), at the cost of the kept fraction of the prunable matmuls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+from .architectures import SearchSpace, decoder_layers
+from .masking import UnitMasks
+
+__all__ = ["subnetwork"]
+
+# (module, parameter name, original Parameter) of every weight currently swapped out.
+_Swapped = list[tuple[nn.Module, str, nn.Parameter]]
+
+
+def _swap(swapped: _Swapped, linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Replace ``linear``'s weight (and, for rows, its bias) by the selected rows or columns."""
+    names = ("weight", "bias") if dim == 0 else ("weight",)
+    for name in names:
+        original = linear._parameters.get(name)
+        if original is None:
+            continue
+        swapped.append((linear, name, original))
+        linear._parameters[name] = nn.Parameter(original.index_select(dim, index), requires_grad=False)
+
+
+def _restore(swapped: _Swapped) -> None:
+    while swapped:
+        module, name, original = swapped.pop()
+        module._parameters[name] = original
+
+
+def _constant_forward(projection: nn.Linear, returns_tuple: bool):
+    """``forward`` replacement for a block with no kept unit: the projection's bias, or zeros."""
+
+    def forward(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        out = hidden.new_zeros(*hidden.shape[:-1], projection.out_features)
+        if projection.bias is not None:
+            out = out + projection.bias
+        return (out, None) if returns_tuple else out
+
+    return forward
+
+
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask > 0.5).flatten()
+
+
+@contextmanager
+def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterator[nn.Module]:
+    """Run ``model`` as the sub-network that ``masks`` (exactly one 0/1 sample) keeps."""
+    if masks.num_samples != 1:
+        raise ValueError(f"subnetwork runs one mask sample per forward, got {masks.num_samples}")
+    for name, m in (("attn", masks.attn), ("mlp", masks.mlp)):
+        if not bool(((m == 0) | (m == 1)).all()):
+            raise ValueError(f"subnetwork needs 0/1 masks; the {name} mask has other values")
+        expected = space.num_attn_units if name == "attn" else space.num_mlp_units
+        if m.shape[1] != expected:
+            raise ValueError(f"{name} mask has {m.shape[1]} units, the model has {expected}")
+    spec = space.spec
+    swapped: _Swapped = []
+    handles = []
+    overridden: list[tuple[nn.Module, object]] = []  # (module, its own forward attribute or None)
+
+    def override(module: nn.Module, projection: nn.Linear, returns_tuple: bool) -> None:
+        overridden.append((module, module.__dict__.get("forward")))
+        module.forward = _constant_forward(projection, returns_tuple)
+
+    def swap_in(attn: nn.Module, mlp: nn.Module, q_rows, kv_rows, mlp_rows):
+        def hook(module, args):
+            if q_rows is not None:
+                _swap(swapped, getattr(attn, spec.q), q_rows, 0)
+                _swap(swapped, getattr(attn, spec.k), kv_rows, 0)
+                _swap(swapped, getattr(attn, spec.v), kv_rows, 0)
+                _swap(swapped, getattr(attn, spec.o), q_rows, 1)
+            if mlp_rows is not None:
+                _swap(swapped, getattr(mlp, spec.gate), mlp_rows, 0)
+                _swap(swapped, getattr(mlp, spec.up), mlp_rows, 0)
+                _swap(swapped, getattr(mlp, spec.down), mlp_rows, 1)
+
+        return hook
+
+    def swap_out(module, args, output):
+        _restore(swapped)
+
+    try:
+        for i, layer in enumerate(decoder_layers(model)):
+            shape = space.layers[i]
+            attn = getattr(layer, spec.attention)
+            mlp = getattr(layer, spec.mlp)
+            device = getattr(attn, spec.q).weight.device
+            groups = _kept(masks.attn[0, space.attn_slice(i)]).to(device)
+            channels = _kept(masks.mlp[0, space.mlp_slice(i)]).to(device)
+            q_rows = kv_rows = mlp_rows = None
+            if groups.numel() == 0:
+                override(attn, getattr(attn, spec.o), returns_tuple=True)
+            elif groups.numel() < shape.num_kv_groups:
+                d, q_width = shape.head_dim, shape.queries_per_group * shape.head_dim
+                kv_rows = (groups[:, None] * d + torch.arange(d, device=device)).flatten()
+                q_rows = (groups[:, None] * q_width + torch.arange(q_width, device=device)).flatten()
+            if channels.numel() == 0:
+                override(mlp, getattr(mlp, spec.down), returns_tuple=False)
+            elif channels.numel() < shape.intermediate_size:
+                mlp_rows = channels
+            if q_rows is not None or mlp_rows is not None:
+                handles.append(layer.register_forward_pre_hook(swap_in(attn, mlp, q_rows, kv_rows, mlp_rows)))
+                handles.append(layer.register_forward_hook(swap_out))
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        _restore(swapped)
+        for module, own_forward in reversed(overridden):
+            if own_forward is None:
+                del module.forward
+            else:
+                module.forward = own_forward
