@@ -55,8 +55,7 @@ def _scale_input(mask: torch.Tensor):
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        m = mask.to(device=x.device, dtype=x.dtype)
-        shaped = x.reshape(m.shape[0], -1, x.shape[-1]) * m[:, None, :]  # [S, B·T, C]
+        shaped = x.reshape(mask.shape[0], -1, x.shape[-1]) * mask[:, None, :]  # [S, B·T, C]
         return (shaped.reshape(x.shape), *args[1:])
 
     return hook
@@ -75,8 +74,9 @@ def masked(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterator[n
             mlp_mask = masks.mlp[:, space.mlp_slice(i)]  # [S, I]
             o_proj = getattr(getattr(layer, spec.attention), spec.o)
             down_proj = getattr(getattr(layer, spec.mlp), spec.down)
-            handles.append(o_proj.register_forward_pre_hook(_scale_input(attn_mask)))
-            handles.append(down_proj.register_forward_pre_hook(_scale_input(mlp_mask)))
+            weight = o_proj.weight
+            handles.append(o_proj.register_forward_pre_hook(_scale_input(attn_mask.to(weight.device, weight.dtype))))
+            handles.append(down_proj.register_forward_pre_hook(_scale_input(mlp_mask.to(weight.device, weight.dtype))))
         yield model
     finally:
         for h in handles:

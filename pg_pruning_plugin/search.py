@@ -228,23 +228,27 @@ class PolicyGradientSearch:
         self._init_scores = init_scores
 
     # -- state -----------------------------------------------------------------------------
-    def _initial_state(self, progress: bool) -> dict:
-        cfg = self.config
-        if self._init_scores is not None:
-            probs = self._init_scores
-        else:
+    def initial_probabilities(self, progress: bool = True) -> UnitScores:
+        """Keep-probabilities the search starts from: ``init_scores`` or the mapped init metric."""
+        if self._init_scores is None:
+            cfg = self.config
             metric = compute_metric(
                 self.model, self.space, cfg.init,
                 [b["input_ids"] for b in self.batches[: cfg.init_batches]],
                 keep_ratio=min(cfg.attn_keep, cfg.mlp_keep), seed=cfg.seed, progress=progress,
             )
             mapping = "const" if cfg.init == "constant" else cfg.init_mapping
-            probs = UnitScores(
+            self._init_scores = UnitScores(
                 torch.cat([scores_from_metric(metric.attn[self.space.attn_slice(i)], cfg.attn_keep, mapping)
                            for i in range(self.space.num_layers)]),
                 torch.cat([scores_from_metric(metric.mlp[self.space.mlp_slice(i)], cfg.mlp_keep, mapping)
                            for i in range(self.space.num_layers)]),
             )
+        return self._init_scores
+
+    def _initial_state(self, progress: bool) -> dict:
+        cfg = self.config
+        probs = self.initial_probabilities(progress)
         return {
             "attn": probs.attn.clone().float(), "mlp": probs.mlp.clone().float(),
             "step": 0, "baseline": None, "nan_samples": 0,
