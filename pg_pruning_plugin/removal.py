@@ -6,7 +6,8 @@ group pull in its ``q_proj`` rows and, through the GQA mapping of ``repeat_kv``,
 Torch-Pruning 1.6.1 pitfalls on transformers 5 are avoided here, without patching the library:
 tracing uses eager attention and ``use_cache=False`` (bugs 1, 2); duplicated GQA indices are
 removed before pruning and groups are never checked with the duplicate-counting check (bug 3);
-each group must contain exactly the expected Linear members, or removal stops with an error.
+RoPE's ``rotate_half`` concatenations get the identity index mapping (bug 10, below); each group
+must contain exactly the expected Linear members, or removal stops with an error.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning import ops
+from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 
 from .architectures import SearchSpace, decoder_layers
 from .metrics import UnitScores
 
-__all__ = ["GroupLayoutError", "dependency_graph", "prune_model", "update_config"]
+__all__ = ["GroupLayoutError", "dependency_graph", "disable_concat_index_mapping", "prune_model", "update_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +48,36 @@ def tracing_mode(model: nn.Module) -> Iterator[None]:
         config.use_cache = use_cache
 
 
+def disable_concat_index_mapping(graph: tp.DependencyGraph) -> None:
+    """Give every concatenation in ``graph`` the identity index mapping (Torch-Pruning bug 10).
+
+    The only concatenations with gradients in the supported decoders are RoPE's ``rotate_half``
+    (``cat(..., dim=-1)`` over head_dim). Autograd saves ``dim=-1`` as 2**64-1, which Torch-Pruning
+    1.6.1 mistakes for a channel concat; when the inferred sizes happen to match (``n_rep == 2``)
+    the offsets it adds make ``get_pruning_group`` loop forever. Whole heads map onto themselves
+    through ``rotate_half``, so the identity mapping is the correct one.
+    """
+    for node in graph.module2node.values():
+        if node.type == ops.OPTYPE.CONCAT:
+            node.enable_index_mapping = False
+            incoming = [dep for src in node.inputs for dep in src.dependencies if dep.target is node]
+            for dep in list(node.dependencies) + incoming:
+                dep.index_mapping[1] = INDEX_MAPPING_PLACEHOLDER
+
+
 def dependency_graph(model: nn.Module, example_input_ids: torch.Tensor | None = None) -> tp.DependencyGraph:
     """Trace ``model`` into a Torch-Pruning graph with the settings that work on transformers 5."""
     if example_input_ids is None:
         example_input_ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 8))
     device = next(model.parameters()).device
     with tracing_mode(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(
+        graph = tp.DependencyGraph().build_dependency(
             model,
             example_inputs={"input_ids": example_input_ids.to(device), "use_cache": False},
             output_transform=lambda out: out.logits,
         )
+    disable_concat_index_mapping(graph)
+    return graph
 
 
 def _execute(group, expected: dict[nn.Module, str]) -> None:
