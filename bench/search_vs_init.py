@@ -42,6 +42,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--init", default="wanda-sp")
+    p.add_argument("--init-mapping", default="sigmap")
     p.add_argument("--init-batches", type=int, default=4)
     p.add_argument("--eval-windows", type=int, default=256, help="held-out 128-token windows (wiki-vital eval)")
     p.add_argument("--max-epochs", type=int, default=1, help="passes allowed over the calibration blocks")
@@ -61,7 +62,7 @@ def main() -> None:
     for sparsity in args.sparsity:
         for lr in args.lr:
             config = SearchConfig(sparsity=sparsity, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                                  samples_per_step=args.samples, init=args.init, init_batches=args.init_batches,
+                                  samples_per_step=args.samples, init=args.init, init_mapping=args.init_mapping, init_batches=args.init_batches,
                                   max_epochs=args.max_epochs, seed=args.seed)
             search = PolicyGradientSearch(model, calib, config)
             init_probs = search.initial_probabilities(progress=False)
@@ -75,6 +76,9 @@ def main() -> None:
                 "uniform_init_ppl": masked_ppl(model, space, uniform_init, held_out),
                 "init_ppl": masked_ppl(model, space, global_init, held_out),
                 "search_ppl": masked_ppl(model, space, result.masks, held_out),
+                "expected_width_ppl": masked_ppl(
+                    model, space, hard_masks(result.probs, space, dataclasses.replace(config, mask_rule="expected-width")),
+                    held_out),
                 "search_seconds": seconds,
                 "first_loss": sum(result.history["loss"][:10]) / 10, "last_loss": sum(result.history["loss"][-10:]) / 10,
             }
@@ -82,12 +86,12 @@ def main() -> None:
             rows.append(row)
     lines = [
         f"dense held-out PPL: {dense:.2f} ({held_out.shape[0]} windows x 128 tokens, wiki-vital eval)", "",
-        "| removed (attn and MLP units) | lr | steps x batch x K | init metric, per-layer top-k | init probabilities, global top-k | after search (global) | mean sample loss first/last 10 steps | search time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| removed (attn and MLP units) | lr | steps x batch x K | init metric, per-layer top-k | init probabilities, global top-k | after search, global top-k | after search, expected width | mean sample loss first/last 10 steps | search time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['sparsity']:.0%} | {r['lr']:g} | {r['steps']} x {r['batch']} x {r['K']} | {r['uniform_init_ppl']:.2f} | {r['init_ppl']:.2f} | "
-                     f"{r['search_ppl']:.2f} | {r['first_loss']:.3f} / {r['last_loss']:.3f} | {r['search_seconds']:.0f} s |")
+                     f"{r['search_ppl']:.2f} | {r['expected_width_ppl']:.2f} | {r['first_loss']:.3f} / {r['last_loss']:.3f} | {r['search_seconds']:.0f} s |")
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     lines += ["", f"command: `python {' '.join(sys.argv)}`", f"machine: {device}; "
               f"torch {torch.__version__}, transformers {transformers.__version__}, torch-pruning {torch_pruning.__version__}"]

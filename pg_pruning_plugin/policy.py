@@ -14,6 +14,8 @@ import torch
 __all__ = [
     "EPS",
     "ESTIMATORS",
+    "INIT_MAPPINGS",
+    "MASK_RULES",
     "antithetic_gradient",
     "estimate_gradient",
     "policy_gradient",
@@ -142,14 +144,23 @@ def project_pools(s: torch.Tensor, keep_ratio: float, offsets: Sequence[int] | N
     return out
 
 
-def scores_from_metric(metric: torch.Tensor, keep_ratio: float, mapping: str = "sigmap") -> torch.Tensor:
-    """Map one layer's metric (higher = more important) to keep-probabilities with mean ≈ ``keep_ratio``.
+INIT_MAPPINGS = ("sigmap", "norm", "mask", "const")
 
-    ``sigmap``: ``clamp(σ(z) + r − mean σ(z), 0, 1)`` with z the standardised metric (method.md §7.2);
+
+def scores_from_metric(metric: torch.Tensor, keep_ratio: float, mapping: str = "sigmap",
+                       confidence: float = 0.9) -> torch.Tensor:
+    """Map one layer's metric (higher = more important) to keep-probabilities (method.md §7.2).
+
+    ``sigmap``: ``clamp(σ(z) + r − mean σ(z), 0, 1)`` with z the standardised metric (mean ≈ r);
     ``norm``: min-max normalised, then shifted to mean r;
-    ``const``: every unit gets r.
+    ``mask``: the authors' ``const`` mapping of the per-layer top-r init mask: kept units get
+    ``confidence``, the others ``1 − confidence``, so the initial hard mask is the init mask;
+    ``const``: every unit gets r (no information).
     """
     metric = metric.double()
+    if mapping == "mask":
+        kept = top_k_mask(metric, keep_ratio, [0, metric.numel()], global_pool=False).bool()
+        return torch.where(kept, confidence, 1.0 - confidence).float()
     if mapping == "sigmap":
         z = torch.sigmoid((metric - metric.mean()) / (metric.std(unbiased=False) + 1e-8))
     elif mapping == "norm":
@@ -157,8 +168,21 @@ def scores_from_metric(metric: torch.Tensor, keep_ratio: float, mapping: str = "
     elif mapping == "const":
         z = torch.zeros_like(metric)
     else:
-        raise ValueError(f"unknown score mapping {mapping!r}; choose sigmap, norm or const")
+        raise ValueError(f"unknown score mapping {mapping!r}; choose one of {', '.join(INIT_MAPPINGS)}")
     return (z + (keep_ratio - z.mean())).clamp(0, 1).float()
+
+
+MASK_RULES = ("topk", "expected-width")
+
+
+def _largest_remainder(shares: torch.Tensor, total: int) -> list[int]:
+    """Integers proportional to ``shares`` summing to ``total`` (Hamilton's method)."""
+    floors = shares.floor()
+    remainder = int(total - floors.sum())
+    order = torch.argsort(shares - floors, descending=True)
+    counts = floors.long()
+    counts[order[:max(remainder, 0)]] += 1
+    return counts.tolist()
 
 
 def top_k_mask(
@@ -168,26 +192,36 @@ def top_k_mask(
     global_pool: bool,
     min_keep: int = 1,
     round_to: int | None = None,
+    rule: str = "topk",
 ) -> torch.Tensor:
-    """Hard 0/1 mask keeping the most probable units (method.md §8).
+    """Hard 0/1 mask keeping ``n − int(n·(1−r))`` of the most probable units.
 
-    Global: ``n − int(n·(1−r))`` units over all layers; per layer: the same rule in each slice.
-    Every layer keeps at least ``min_keep`` units. With ``round_to``, each layer's kept count is
-    rounded to the nearest multiple (at least ``round_to``, at most the layer width).
+    Per layer (``global_pool=False``) the same count rule applies in each slice. Globally, the
+    per-layer counts come from ``rule``: ``"topk"`` ranks all units together (method.md §8);
+    ``"expected-width"`` gives each layer its expected kept count ``Σ s`` (rounded by largest
+    remainder to the exact total), so unpolarised probabilities are never compared across layers.
+    Within a layer the most probable units are kept. Every layer keeps at least ``min_keep`` units;
+    with ``round_to`` each count is rounded to the nearest multiple (≥ ``round_to``, ≤ the width).
     """
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule {rule!r}; choose one of {', '.join(MASK_RULES)}")
     n = s.numel()
-    keep = torch.zeros(n, dtype=torch.bool)
-    if global_pool:
-        keep[torch.topk(s, n - int(n * (1 - keep_ratio) + 1e-9)).indices] = True
-    counts = []
-    for a, b in zip(offsets[:-1], offsets[1:]):
+    total = n - int(n * (1 - keep_ratio) + 1e-9)
+    bounds = list(zip(offsets[:-1], offsets[1:]))
+    if not global_pool:
+        counts = [(b - a) - int((b - a) * (1 - keep_ratio) + 1e-9) for a, b in bounds]
+    elif rule == "topk":
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.topk(s, total).indices] = True
+        counts = [int(keep[a:b].sum()) for a, b in bounds]
+    else:
+        sums = torch.stack([s[a:b].double().sum() for a, b in bounds])
+        counts = _largest_remainder(sums * total / sums.sum(), total)
+    mask = torch.zeros(n)
+    for (a, b), count in zip(bounds, counts):
         width = b - a
-        count = int(keep[a:b].sum()) if global_pool else width - int(width * (1 - keep_ratio) + 1e-9)
-        count = max(count, min(min_keep, width))
+        count = min(width, max(count, min_keep))
         if round_to:
             count = min(width, max(round_to, int(math.floor(count / round_to + 0.5)) * round_to))
-        counts.append(count)
-    mask = torch.zeros(n)
-    for (a, b), count in zip(zip(offsets[:-1], offsets[1:]), counts):
         mask[a + torch.topk(s[a:b], count).indices] = 1.0
     return mask

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 from .architectures import ARCHITECTURES, LayerShape, SearchSpace
 from .masking import UnitMasks, masked
 from .metrics import METRICS, UnitScores, compute_metric
-from .policy import (ESTIMATORS, policy_gradient, project_pools, sample_masks, scores_from_metric, top_k_mask,
-                     usable_samples)
+from .policy import (ESTIMATORS, INIT_MAPPINGS, MASK_RULES, policy_gradient, project_pools, sample_masks,
+                     scores_from_metric, top_k_mask, usable_samples)
 from .subnetwork import subnetwork
 
 __all__ = ["PolicyGradientSearch", "ResumeError", "SearchConfig", "SearchResult"]
@@ -67,12 +67,14 @@ class SearchConfig:
     batch_size: int = 8
     max_epochs: int = 1  # passes allowed over the calibration blocks
     init: str = "wanda-sp"
-    init_mapping: str = "sigmap"
+    init_mapping: str = "sigmap"  # policy.INIT_MAPPINGS
+    init_confidence: float = 0.9  # keep-probability of init-mask units under init_mapping="mask"
     init_batches: int = 16  # calibration batches used by activation metrics
     round_to: int | None = None  # kept MLP widths rounded to a multiple
     seed: int = 42
     checkpoint_every: int = 100
     samples_in_one_forward: bool = True  # evaluate the K samples as one [K·B, T] batch
+    mask_rule: str = "topk"  # final mask: global top-k (paper) or per-layer expected width, policy.MASK_RULES
     estimator: str = "authors"  # one of policy.ESTIMATORS: authors | loo | antithetic
     execution: str = "mask"  # mask: zero dropped units; gather: skip them, one forward per sample
 
@@ -89,6 +91,12 @@ class SearchConfig:
             raise ValueError(f"init={self.init!r}; choose one of {', '.join(METRICS)}")
         if self.round_to is not None and self.round_to < 1:
             raise ValueError("round_to must be a positive integer")
+        if self.init_mapping not in INIT_MAPPINGS:
+            raise ValueError(f"init_mapping={self.init_mapping!r}; choose one of {', '.join(INIT_MAPPINGS)}")
+        if not 0.5 < self.init_confidence < 1.0:
+            raise ValueError("init_confidence must be in (0.5, 1): 1 would freeze the scores (method.md §4)")
+        if self.mask_rule not in MASK_RULES:
+            raise ValueError(f"mask_rule={self.mask_rule!r}; choose one of {', '.join(MASK_RULES)}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r}; choose one of {', '.join(ESTIMATORS)}")
         if self.estimator == "antithetic" and self.samples_per_step % 2:
@@ -153,11 +161,11 @@ class SearchResult:
 
 
 def hard_masks(probs: UnitScores, space: SearchSpace, config: SearchConfig) -> UnitScores:
-    """Top-k of the keep-probabilities per unit type (method.md §8), ≥ 1 unit per layer."""
-    attn = top_k_mask(probs.attn, config.attn_keep, space.attn_offsets, config.global_budget)
+    """Hard masks of the keep-probabilities per unit type (``config.mask_rule``), ≥ 1 unit per layer."""
+    attn = top_k_mask(probs.attn, config.attn_keep, space.attn_offsets, config.global_budget, rule=config.mask_rule)
     mlp = top_k_mask(
         probs.mlp, config.mlp_keep, space.mlp_offsets, config.global_budget,
-        min_keep=config.round_to or 1, round_to=config.round_to,
+        min_keep=config.round_to or 1, round_to=config.round_to, rule=config.mask_rule,
     )
     return UnitScores(attn, mlp)
 
@@ -239,9 +247,11 @@ class PolicyGradientSearch:
             )
             mapping = "const" if cfg.init == "constant" else cfg.init_mapping
             self._init_scores = UnitScores(
-                torch.cat([scores_from_metric(metric.attn[self.space.attn_slice(i)], cfg.attn_keep, mapping)
+                torch.cat([scores_from_metric(metric.attn[self.space.attn_slice(i)], cfg.attn_keep, mapping,
+                                              cfg.init_confidence)
                            for i in range(self.space.num_layers)]),
-                torch.cat([scores_from_metric(metric.mlp[self.space.mlp_slice(i)], cfg.mlp_keep, mapping)
+                torch.cat([scores_from_metric(metric.mlp[self.space.mlp_slice(i)], cfg.mlp_keep, mapping,
+                                              cfg.init_confidence)
                            for i in range(self.space.num_layers)]),
             )
         return self._init_scores

@@ -94,3 +94,20 @@ def test_estimator_and_projection_find_the_known_best_mask():
     best = torch.zeros(n)
     best[torch.topk(w, n // 2).indices] = 1
     assert torch.equal(top_k_mask(s, keep, [0, n], global_pool=True), best)
+
+
+def test_expected_width_rule_gives_each_layer_its_expected_count():
+    s = torch.cat([torch.full((10,), 0.9), torch.full((10,), 0.3)])
+    s[:10] += torch.linspace(0, 0.05, 10)  # distinct within layers
+    mask = top_k_mask(s, 0.6, [0, 10, 20], global_pool=True, rule="expected-width")
+    assert mask.sum() == 12  # exact budget
+    assert mask[:10].sum() == 9 and mask[10:].sum() == 3  # proportional to Σ s per layer (9.x : 3)
+    with pytest.raises(ValueError, match="unknown mask rule"):
+        top_k_mask(s, 0.6, [0, 10, 20], global_pool=True, rule="bogus")
+
+
+def test_mask_mapping_starts_from_the_per_layer_init_mask():
+    metric = torch.randn(50)
+    s = scores_from_metric(metric, 0.6, "mask", confidence=0.8)
+    torch.testing.assert_close(s.unique(), torch.tensor([0.2, 0.8]))
+    assert torch.equal(s > 0.5, top_k_mask(metric, 0.6, [0, 50], global_pool=False).bool())

