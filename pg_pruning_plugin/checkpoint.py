@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .architectures import architecture_of, decoder_layers
 
-__all__ = ["check_output_dir", "load_pruned", "pruned_model_class", "save_pruned"]
+__all__ = ["atomic_directory", "check_output_dir", "load_pruned", "pruned_model_class", "save_pruned"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +44,32 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False,
     return out
 
 
+@contextmanager
+def atomic_directory(output: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``output``; on success it replaces ``output``, on error it is removed."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
+    try:
+        yield tmp
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pruned(model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
                 input_dir: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """Atomically write ``model`` (and ``tokenizer``) to ``output_dir``; returns the final path."""
     out = check_output_dir(output_dir, overwrite, input_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("pruned model written to %s", out)
     return out
 
