@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from tests.tiny_models import ARCH_CASES, tiny_model
@@ -133,3 +135,29 @@ def test_search_with_gather_execution_matches_mask_execution(llama):
 def test_config_validates_execution():
     with pytest.raises(ValueError, match="execution"):
         SearchConfig(execution="sparse")
+
+
+def test_bench_command_measures_and_reports(tmp_path, monkeypatch, capsys):
+    from pg_pruning_plugin import benchmarking
+    from pg_pruning_plugin.cli import main
+
+    monkeypatch.setitem(benchmarking.SHAPES, "tiny", dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=16, vocab_size=200, max_position_embeddings=64))
+    out = tmp_path / "speed.md"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--repeats", "1", "--batch-size", "2", "--seq-len", "8",
+            "--prompt-len", "4", "--new-tokens", "3", "--sparsities", "0.5", "--gen-batch-sizes", "1", "2",
+            "--round-to", "8", "--results-dir", str(tmp_path / "runs"), "--out", str(out)]
+    assert main([*argv, "--sample-sparsity", "1.5"]) == 2
+    assert "sparsities must be in (0, 1)" in capsys.readouterr().err
+    assert main([*argv, "--skip", "memory"]) == 0
+    (result_file,) = (tmp_path / "runs").glob("*.json")
+    result = json.loads(result_file.read_text())
+    seconds = result["search"]["seconds"]
+    assert seconds["dense forward"] > 0 and "search step (2 samples), gather" in seconds
+    rows = {(r["sparsity"], r["batch_size"]): r for r in result["inference"]}
+    assert set(rows) == {(0.0, 1), (0.0, 2), (0.5, 1), (0.5, 2)}
+    assert rows[0.5, 1]["params"] < rows[0.0, 1]["params"] and rows[0.5, 1]["mlp_channels"] == 64
+    assert rows[0.5, 1]["kv_groups"] == 2 and all(r["decode_tok_s"] > 0 for r in rows.values())
+    report = out.read_text()
+    assert "| search step (2 samples), gather |" in report and "| 50% | 2 |" in report

@@ -1,0 +1,272 @@
+"""Speed and memory measurements of the search and of pruned models (``pg-prune bench``).
+
+Every comparison is measured side by side in one process: the variants of one table are timed
+round-robin, ``repeats`` times each after a warm-up, and the median is kept, so a load change on a
+shared machine hits all of them alike. GPU timings synchronise before reading the clock.
+
+* :func:`search_speed`: a dense forward of a ``[B, T]`` batch against the same batch through
+  sampled sub-networks (masked-multiply and gather execution), the all-ones masked forward, and
+  whole search steps (:class:`~pg_pruning_plugin.search.PolicyGradientSearch`).
+* :func:`search_memory`: peak memory of plain inference against a search step (GPU:
+  ``torch.cuda.max_memory_allocated``; CPU: peak RSS of a fresh child process per workload).
+* :func:`inference_speed`: prefill and decode tokens/s with ``generate`` of models physically
+  pruned by :func:`~pg_pruning_plugin.removal.prune_model`, against the dense model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .architectures import SearchSpace
+from .masking import UnitMasks, masked
+from .metrics import UnitScores
+from .policy import top_k_mask
+from .removal import prune_model
+from .reporting import count_parameters
+from .search import PolicyGradientSearch, SearchConfig, sample_losses
+from .subnetwork import subnetwork
+
+__all__ = ["SHAPES", "build_model", "inference_speed", "search_memory", "search_speed", "timed"]
+
+logger = logging.getLogger(__name__)
+
+# Real model shapes for random-weight runs (speed does not depend on the weights' values).
+SHAPES: dict[str, dict] = {
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                         tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0),
+    "llama-2-7b": dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       max_position_embeddings=4096),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       max_position_embeddings=8192, rope_theta=500000.0),
+}
+
+
+def build_model(model: str | None, shape: str | dict | None, device: str,
+                dtype: torch.dtype) -> tuple[nn.Module, str]:
+    """``(model, description)``: random weights of ``shape`` (a :data:`SHAPES` name or its dict of
+    config fields) if given, else :func:`models.load_model` of ``model``."""
+    if shape is not None:
+        if isinstance(shape, str) and shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+        params = dict(SHAPES[shape] if isinstance(shape, str) else shape)
+        config = AutoConfig.for_model(params.pop("model_type"), **params)
+        torch.manual_seed(0)
+        with torch.device(device):
+            net = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        return net.eval(), f"{shape if isinstance(shape, str) else 'custom'} shape, random weights"
+    from .models import load_model
+
+    net, _ = load_model(model, dtype=dtype, device=device)
+    return net, f"{model or 'smollm2-135m'} (real weights)"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+          warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin ``repeats`` times after ``warmup`` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(warmup + repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _bernoulli_masks(space: SearchSpace, keep: float, num_samples: int, seed: int) -> UnitMasks:
+    g = torch.Generator().manual_seed(seed)
+    return UnitMasks((torch.rand(num_samples, space.num_attn_units, generator=g) < keep).float(),
+                     (torch.rand(num_samples, space.num_mlp_units, generator=g) < keep).float())
+
+
+def _constant_search(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, keep: float,
+                     samples: int, execution: str) -> PolicyGradientSearch:
+    """A search whose every unit starts at keep-probability ``keep``, over copies of ``batch``."""
+    space = SearchSpace.from_model(model)
+    start = UnitScores(torch.full((space.num_attn_units,), keep), torch.full((space.num_mlp_units,), keep))
+    config = SearchConfig(sparsity=1 - keep, steps=steps, samples_per_step=samples, batch_size=len(batch["input_ids"]),
+                          execution=execution)
+    return PolicyGradientSearch(model, [batch] * steps, config, init_scores=start)
+
+
+def _step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, keep: float, samples: int,
+                  execution: str) -> float:
+    """Median wall time of one search step (sampling, K losses, estimator, projection)."""
+    stamps: list[float] = []
+    search = _constant_search(model, batch, steps + 1, keep, samples, execution)
+    search.run(progress=False, on_step=lambda step, state: stamps.append(time.perf_counter()))
+    return statistics.median(b - a for a, b in zip(stamps[:-1], stamps[1:]))  # the first step is warm-up
+
+
+@torch.no_grad()
+def search_speed(model: nn.Module, batch_size: int = 8, seq_len: int = 128, samples: int = 2, keep: float = 0.5,
+                 repeats: int = 5, search_steps: int = 4) -> dict:
+    """Seconds per forward of the same ``[B, T]`` batch: dense, masked, gathered; and per search step."""
+    device = next(model.parameters()).device
+    space = SearchSpace.from_model(model)
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    batch = {"input_ids": ids}
+    ones = UnitMasks.ones(space)
+    sampled = _bernoulli_masks(space, keep, samples, seed=1)
+
+    def forward_under(context, masks):
+        def fn():
+            with context(model, space, masks):
+                model(input_ids=ids, use_cache=False)
+        return fn
+
+    forwards = timed({
+        "dense forward": lambda: model(input_ids=ids, use_cache=False),
+        "masked forward, all-ones mask": forward_under(masked, ones),
+        "gathered forward, all-ones mask": forward_under(subnetwork, ones),
+        f"{samples} sample losses, masked, one [{samples}B, T] forward":
+            lambda: sample_losses(model, space, batch, sampled, one_forward=True),
+        f"{samples} sample losses, masked, one forward each":
+            lambda: sample_losses(model, space, batch, sampled, one_forward=False),
+        f"{samples} sample losses, gathered, one forward each":
+            lambda: sample_losses(model, space, batch, sampled, execution="gather"),
+    }, device, repeats)
+    steps = {f"search step ({samples} samples), {execution}": _step_seconds(model, batch, search_steps, keep,
+                                                                           samples, execution)
+             for execution in ("mask", "gather")}
+    kept = float(sampled.mlp.mean()), float(sampled.attn.mean())
+    return {"batch_size": batch_size, "seq_len": seq_len, "samples": samples, "keep": keep,
+            "sampled_kept_mlp": kept[0], "sampled_kept_attn": kept[1],
+            "seconds": forwards | steps}
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def _cpu_probe() -> None:
+    """Child-process body (spec as JSON in argv[1]): build the model, run one workload, print the
+    peak and post-load RSS in KiB as JSON."""
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec["threads"])
+    model, _ = build_model(spec["model"], spec["shape"], "cpu", getattr(torch, spec["dtype"]))
+    loaded = _rss_kib()
+    _run_workload(model, spec["workload"], spec["batch_size"], spec["seq_len"], spec["samples"], spec["keep"])
+    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "loaded_kib": loaded}))
+
+
+@torch.no_grad()
+def _run_workload(model: nn.Module, workload: str, batch_size: int, seq_len: int, samples: int, keep: float) -> None:
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    if workload == "inference":
+        model(input_ids=ids, use_cache=False)
+    else:
+        _constant_search(model, {"input_ids": ids}, 1, keep, samples, workload).run(progress=False)
+
+
+WORKLOADS = ("inference", "mask", "gather")  # plain forward; one search step per execution
+
+
+def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | None, batch_size: int = 8,
+                  seq_len: int = 128, samples: int = 2, keep: float = 0.5) -> dict:
+    """Peak memory (MiB) of plain inference and of one search step per execution mode.
+
+    GPU: ``max_memory_allocated`` in this process (weights included). CPU: peak RSS of a fresh
+    spawned child per workload (the interpreter and libraries included, reported separately).
+    """
+    device = next(model.parameters()).device
+    out: dict[str, dict] = {}
+    if device.type == "cuda":
+        for workload in WORKLOADS:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            _run_workload(model, workload, batch_size, seq_len, samples, keep)
+            out[workload] = {"peak_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+        return {"method": "torch.cuda.max_memory_allocated", "peak": out}
+    spec = {"model": model_name, "shape": SHAPES.get(shape, shape) if isinstance(shape, str) else shape,
+            "dtype": str(next(model.parameters()).dtype).split(".")[-1], "threads": torch.get_num_threads(),
+            "batch_size": batch_size, "seq_len": seq_len, "samples": samples, "keep": keep}
+    for workload in WORKLOADS:
+        child = subprocess.run(
+            [sys.executable, "-c", f"from {__name__} import _cpu_probe; _cpu_probe()",
+             json.dumps(spec | {"workload": workload})],
+            capture_output=True, text=True, check=False,
+        )
+        if child.returncode:
+            raise RuntimeError(f"memory probe for {workload} failed:\n{child.stderr[-2000:]}")
+        r = json.loads(child.stdout.strip().splitlines()[-1])
+        out[workload] = {"peak_mib": r["peak_kib"] / 1024, "after_load_mib": r["loaded_kib"] / 1024}
+    return {"method": "peak RSS (ru_maxrss) of a fresh child process per workload", "peak": out}
+
+
+def uniform_masks(space: SearchSpace, sparsity: float, round_to: int | None, seed: int = 0) -> UnitScores:
+    """Random per-layer-uniform hard masks removing ``sparsity`` of each layer's units."""
+    g = torch.Generator().manual_seed(seed)
+    keep = 1 - sparsity
+    return UnitScores(
+        top_k_mask(torch.rand(space.num_attn_units, generator=g), keep, space.attn_offsets, global_pool=False),
+        top_k_mask(torch.rand(space.num_mlp_units, generator=g), keep, space.mlp_offsets, global_pool=False,
+                   min_keep=round_to or 1, round_to=round_to),
+    )
+
+
+@torch.no_grad()
+def _generation_times(model: nn.Module, batch_sizes: list[int], prompt_len: int, new_tokens: int,
+                      repeats: int) -> dict[int, tuple[float, float]]:
+    """``{B: (prefill s, decode s per step)}`` from ``generate`` with 1 and ``new_tokens`` tokens."""
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config().vocab_size
+    out = {}
+    for b in batch_sizes:
+        prompt = torch.randint(0, vocab, (b, prompt_len), generator=torch.Generator().manual_seed(b)).to(device)
+
+        def gen(n: int, prompt=prompt):
+            return lambda: model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                          max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+        t = timed({"one": gen(1), "many": gen(new_tokens)}, device, repeats)
+        out[b] = (t["one"], (t["many"] - t["one"]) / (new_tokens - 1))
+    return out
+
+
+def inference_speed(model: nn.Module, sparsities: list[float], batch_sizes: list[int], prompt_len: int = 128,
+                    new_tokens: int = 32, repeats: int = 3, round_to: int | None = 64) -> Iterator[list[dict]]:
+    """Prefill and decode tokens/s of the dense model, then of a copy pruned to each sparsity.
+
+    Yields one list of rows (one per batch size) per model, dense first.
+    """
+    space = SearchSpace.from_model(model)
+    for sparsity in [0.0, *sparsities]:
+        net = model if sparsity == 0 else prune_model(copy.deepcopy(model), uniform_masks(space, sparsity, round_to))
+        pruned_space = SearchSpace.from_model(net)
+        times = _generation_times(net, batch_sizes, prompt_len, new_tokens, repeats)
+        yield [{"sparsity": sparsity, "batch_size": b, "params": count_parameters(net),
+                "kv_groups": pruned_space.layers[0].num_kv_groups,
+                "mlp_channels": pruned_space.layers[0].intermediate_size,
+                "prefill_tok_s": b * prompt_len / prefill, "decode_tok_s": b / decode}
+               for b, (prefill, decode) in times.items()]
+        if net is not model:
+            del net
+            if next(model.parameters()).device.type == "cuda":
+                torch.cuda.empty_cache()
