@@ -24,7 +24,8 @@ from ..metrics import METRICS
 from ..models import DEFAULT_MODEL, load_model, resolve_model_dir
 from ..removal import prune_model
 from ..reporting import count_parameters, layer_table, plot_curves, plot_layer_widths
-from ..search import PolicyGradientSearch, SearchConfig
+from ..policy import ESTIMATORS, INIT_MAPPINGS
+from ..search import EXECUTIONS, PolicyGradientSearch, SearchConfig
 
 NAME = "prune"
 HELP = "learn which KV groups and MLP channels to remove with the policy-gradient search, then remove them"
@@ -56,7 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--max-epochs", type=int, default=1, help="passes allowed over the calibration blocks")
     s.add_argument("--init", choices=METRICS, default="wanda-sp", help="initial metric")
+    s.add_argument("--init-mapping", choices=INIT_MAPPINGS, default="sigmap",
+                   help="metric to initial keep-probabilities (mask: the init mask itself, see docs/method.md)")
     s.add_argument("--init-batches", type=int, default=4, help="calibration batches for the initial metric")
+    s.add_argument("--estimator", choices=ESTIMATORS, default="authors", help="gradient estimator")
+    s.add_argument("--execution", choices=EXECUTIONS, default="gather",
+                   help="gather: skip the compute of dropped units (faster, same losses); mask: multiply by 0")
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--checkpoint", default=None,
                    help="search-state file, written every --checkpoint-every steps (default: OUTPUT.search-state.pt)")
@@ -72,7 +78,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         sparsity=args.sparsity, attn_sparsity=args.attn_sparsity, mlp_sparsity=args.mlp_sparsity,
         global_budget=not args.uniform, steps=args.steps, samples_per_step=args.samples, lr=args.lr,
         baseline_window=args.baseline_window, batch_size=args.batch_size, max_epochs=args.max_epochs,
-        init=args.init, init_batches=args.init_batches, round_to=args.round_to, seed=args.seed,
+        init=args.init, init_mapping=args.init_mapping, init_batches=args.init_batches,
+        estimator=args.estimator, execution=args.execution, round_to=args.round_to, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
 
