@@ -6,7 +6,7 @@ group pull in its ``q_proj`` rows and, through the GQA mapping of ``repeat_kv``,
 Torch-Pruning 1.6.1 pitfalls on transformers 5 are avoided here, without patching the library:
 tracing uses eager attention and ``use_cache=False`` (bugs 1, 2); duplicated GQA indices are
 removed before pruning and groups are never checked with the duplicate-counting check (bug 3);
-RoPE's ``rotate_half`` concatenations get the identity index mapping (bug 10, below); each group
+index mappings are frozen at their traced values (bugs 10, 11: :func:`freeze_index_mappings`); each group
 must contain exactly the expected Linear members, or removal stops with an error.
 """
 
@@ -25,7 +25,7 @@ from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 from .architectures import SearchSpace, decoder_layers
 from .metrics import UnitScores
 
-__all__ = ["GroupLayoutError", "dependency_graph", "disable_concat_index_mapping", "prune_model", "update_config"]
+__all__ = ["GroupLayoutError", "dependency_graph", "freeze_index_mappings", "prune_model", "update_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,23 @@ def tracing_mode(model: nn.Module) -> Iterator[None]:
         config.use_cache = use_cache
 
 
-def disable_concat_index_mapping(graph: tp.DependencyGraph) -> None:
-    """Give every concatenation in ``graph`` the identity index mapping (Torch-Pruning bug 10).
+def freeze_index_mappings(graph: tp.DependencyGraph) -> None:
+    """Fix ``graph``'s index mappings at their traced values, with identity for concatenations.
 
-    The only concatenations with gradients in the supported decoders are RoPE's ``rotate_half``
-    (``cat(..., dim=-1)`` over head_dim). Autograd saves ``dim=-1`` as 2**64-1, which Torch-Pruning
-    1.6.1 mistakes for a channel concat; when the inferred sizes happen to match (``n_rep == 2``)
-    the offsets it adds make ``get_pruning_group`` loop forever. Whole heads map onto themselves
-    through ``rotate_half``, so the identity mapping is the correct one.
+    Torch-Pruning 1.6.1 recomputes mappings before every group from the *current* layer widths:
+    * the GQA mapping of ``repeat_kv``'s expand takes ``n_rep`` = current query width / traced KV
+      width, which is wrong once a KV group is gone (bug 11: a second pruning step on the same
+      graph couples q to k/v 1:1);
+    * RoPE's ``rotate_half`` (``cat(..., dim=-1)`` over head_dim; autograd saves ``dim=-1`` as
+      2**64-1) is taken for a channel concat, and when the inferred sizes match (``n_rep == 2``)
+      its offsets make ``get_pruning_group`` loop forever (bug 10). Whole heads map onto
+      themselves through ``rotate_half``, so identity is the right mapping.
+    Removing whole KV groups and MLP channels never changes ``n_rep`` or ``head_dim``, so the
+    mappings traced on the unpruned model stay valid. Call it before anything is pruned.
     """
     for node in graph.module2node.values():
+        node.enable_index_mapping = False  # update_index_mapping skips disabled nodes
         if node.type == ops.OPTYPE.CONCAT:
-            node.enable_index_mapping = False
             incoming = [dep for src in node.inputs for dep in src.dependencies if dep.target is node]
             for dep in list(node.dependencies) + incoming:
                 dep.index_mapping[1] = INDEX_MAPPING_PLACEHOLDER
@@ -76,7 +81,7 @@ def dependency_graph(model: nn.Module, example_input_ids: torch.Tensor | None = 
             example_inputs={"input_ids": example_input_ids.to(device), "use_cache": False},
             output_transform=lambda out: out.logits,
         )
-    disable_concat_index_mapping(graph)
+    freeze_index_mappings(graph)
     return graph
 
 
