@@ -149,9 +149,9 @@ def prune_model(model: nn.Module, masks: UnitScores, graph: tp.DependencyGraph |
 def update_config(model: nn.Module) -> None:
     """Write the current per-layer widths into the model and its config.
 
-    Always records ``pruned_layers`` (one dict per layer); when every layer is equal the standard
-    fields (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) are set too, so
-    stock ``from_pretrained`` loads the checkpoint.
+    Always records ``pruned_layers`` (one dict per layer); when every layer is equal and the config
+    class accepts them, the standard fields (``num_attention_heads``, ``num_key_value_heads``,
+    ``intermediate_size``) are set too, so stock ``from_pretrained`` loads the checkpoint.
     """
     space = SearchSpace.from_model(model)
     config = model.config.get_text_config()
@@ -167,5 +167,13 @@ def update_config(model: nn.Module) -> None:
     config.head_dim = space.layers[0].head_dim
     config.pruned_layers = widths
     if all(w == widths[0] for w in widths):
+        previous = {key: getattr(config, key) for key in widths[0]}
         for key, value in widths[0].items():
             setattr(config, key, value)
+        try:
+            config.validate()  # e.g. Llama requires hidden_size % num_attention_heads == 0
+        except Exception as exc:  # noqa: BLE001 - transformers raises several validation error types
+            logger.warning("uniform widths %s are not a valid %s (%s); keeping the original fields, load the "
+                           "checkpoint with pg_pruning_plugin.load_pruned", widths[0], type(config).__name__, exc)
+            for key, value in previous.items():
+                setattr(config, key, value)

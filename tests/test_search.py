@@ -156,3 +156,18 @@ def test_nan_samples_are_skipped_and_counted(llama):
     result = PolicyGradientSearch(llama, _blocks(), SearchConfig(steps=4, batch_size=4), init_scores=init).run(progress=False)
     assert result.nan_samples == 2
     assert len(result.history["loss"]) == 2  # steps with < 2 valid samples make no update
+
+
+def test_uniform_widths_the_config_rejects_still_save_and_load(tmp_path):
+    from pg_pruning_plugin import load_pruned, prune_model, save_pruned
+
+    model = tiny_model("llama", num_attention_heads=12, num_key_value_heads=4, head_dim=8, hidden_size=96)
+    space = SearchSpace.from_model(model)
+    attn = torch.ones(space.num_attn_units)
+    attn[0::4] = 0  # 9 query heads per layer: 96 % 9 != 0, which LlamaConfig refuses
+    prune_model(model, UnitScores(attn, torch.ones(space.num_mlp_units)))
+    assert model.config.num_attention_heads == 12 and model.config.pruned_layers[0]["num_attention_heads"] == 9
+    save_pruned(model, tmp_path / "out")
+    ids = _blocks(1)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(tmp_path / "out")(ids).logits, model(ids).logits)
