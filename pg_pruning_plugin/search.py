@@ -190,8 +190,10 @@ def sample_losses(model: nn.Module, space: SearchSpace, batch: dict[str, torch.T
             input_ids=ids, attention_mask=None if attention_mask is None else attention_mask.repeat(s, 1),
             use_cache=False,
         ).logits
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="none",
-                         ignore_index=-100)  # [S·B·(T-1)]
+    ce = torch.cat([  # one sequence at a time: no float copy or log-softmax of all S·B·T·V logits at once
+        F.cross_entropy(logits[i, :-1].float(), labels[i, 1:], reduction="none", ignore_index=-100)
+        for i in range(logits.shape[0])
+    ])  # [S·B·(T-1)]
     valid = (labels[:, 1:] != -100).view(s, -1).sum(1)
     return ce.view(s, -1).sum(1) / valid.clamp_min(1)
 
