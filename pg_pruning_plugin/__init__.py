@@ -38,3 +38,9 @@ __all__ = [
     "prune_model",
     "save_pruned",
 ]
+
+try:  # registers PolicyGradientPruningModifier with llmcompressor, so YAML recipes can name it
+    from .integrations import llmcompressor as _llmcompressor  # noqa: F401
+except ModuleNotFoundError as _exc:  # llmcompressor not installed: the core works without it
+    if _exc.name not in ("llmcompressor", "compressed_tensors"):
+        raise

@@ -1,0 +1,112 @@
+"""``pg-prune recipe``: run an llmcompressor recipe on a model with calibration text (one ``oneshot``).
+
+A thin layer over ``llmcompressor.oneshot``: the calibration set is ``--num-samples`` blocks of
+``--seq-len`` tokens from the calib split of ``--text`` (``datasets.Dataset`` of input_ids and
+attention_mask, in a fixed order), the model is the directory ``resolve_model_dir`` gives (the
+embedded SmolLM2 default is a cached copy of its GGUF file), and the compressed-tensors output is
+written to a temporary directory and renamed to ``--output``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import AutoConfig
+
+from ..architectures import architecture_of
+from ..checkpoint import atomic_directory, check_output_dir
+from ..data import DEFAULT_TEXT, calibration_blocks
+from ..models import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
+
+NAME = "recipe"
+HELP = "run an llmcompressor YAML recipe (e.g. recipes/pg_prune_gptq_w4a16_g64.yaml) on a model in one oneshot call"
+
+logger = logging.getLogger(__name__)
+
+MODIFIER = "PolicyGradientPruningModifier"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="llmcompressor recipe file (YAML with *_stage / *_modifiers levels)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"HF directory, .gguf file or Hub id (default: {DEFAULT_MODEL}, embedded)")
+    p.add_argument("--text", default=DEFAULT_TEXT,
+                   help="calibration text: wiki-vital (embedded), wikitext2, c4, or a .txt/.jsonl file")
+    p.add_argument("--output", required=True, help="directory for the compressed model (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--num-samples", type=int, default=256, help="calibration sequences given to oneshot")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (auto: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=0, help="which calibration blocks are drawn")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help=f"override a {MODIFIER} field of the recipe, e.g. --set steps=40 (repeatable)")
+
+
+def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, bool]:
+    """The recipe as YAML text with ``FIELD=VALUE`` overrides applied to every pruning modifier.
+
+    Returns ``(text, has_pruning_modifier)``. The text is parsed by llmcompressor here, so unknown
+    fields, unknown modifiers and recipes without any modifier fail before a model is loaded.
+    """
+    from llmcompressor.recipe import Recipe
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist (shipped recipes are in recipes/)")
+    recipe = yaml.safe_load(path.read_text())
+    if not isinstance(recipe, dict):
+        raise ValueError(f"recipe {path} is not a YAML mapping")
+    targets = [args for stage, groups in recipe.items() if stage.endswith("_stage") and isinstance(groups, dict)
+               for group, mods in groups.items() if group.endswith("_modifiers") and isinstance(mods, dict)
+               for name, args in mods.items() if name == MODIFIER]
+    if overrides and not targets:
+        raise ValueError(f"--set given but {path} has no {MODIFIER}")
+    for item in overrides:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        for args in targets:
+            args[field.strip()] = yaml.safe_load(value)
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    if not Recipe.create_instance(text).modifiers:
+        raise ValueError(
+            f"recipe {path} defines no modifier: llmcompressor only reads modifiers nested as "
+            "`<name>_stage: <group>_modifiers: <ModifierType>: {...}`"
+        )
+    return text, bool(targets)
+
+
+def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, seed: int):
+    """``datasets.Dataset`` with ``input_ids`` / ``attention_mask`` of ``num_samples`` x ``seq_len`` tokens."""
+    from datasets import Dataset
+
+    blocks = calibration_blocks(tokenizer, text, seq_len, num_samples, seed=seed)
+    return Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.num_samples < 1 or args.seq_len < 2:
+        raise ValueError("--num-samples must be >= 1 and --seq-len >= 2")
+    text, prunes = recipe_text(args.recipe, args.overrides)
+    output = check_output_dir(args.output, args.overwrite, input_dir=args.model)
+    model_dir = resolve_model_dir(args.model)
+    check_output_dir(output, args.overwrite, input_dir=model_dir)
+    if prunes:  # unsupported models fail on their config, before any weight is loaded
+        architecture_of(AutoConfig.from_pretrained(model_dir))
+    tokenizer = load_tokenizer(model_dir)
+    dataset = calibration_dataset(tokenizer, args.text, args.num_samples, args.seq_len, args.seed)
+
+    from llmcompressor import oneshot
+
+    with atomic_directory(output) as tmp:
+        oneshot(model=model_dir, processor=tokenizer, dataset=dataset, recipe=text, precision=args.precision,
+                num_calibration_samples=args.num_samples, max_seq_length=args.seq_len,
+                shuffle_calibration_samples=False, output_dir=str(tmp))
+    print(f"{args.recipe} applied to {args.model}: written to {output}")
+    return 0

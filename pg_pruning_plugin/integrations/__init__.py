@@ -1,0 +1,1 @@
+"""Integrations of the pruning engine with other toolkits (Torch-Pruning, llmcompressor)."""
