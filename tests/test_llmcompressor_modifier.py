@@ -195,6 +195,13 @@ def test_quantization_before_pruning_is_refused(tiny_dir, calib):
         _oneshot(tiny_dir, calib, yaml.safe_dump(recipe, sort_keys=False))
 
 
+def test_cli_refuses_a_recipe_without_modifiers(tmp_path, capsys):
+    flat = tmp_path / "flat.yaml"  # llmcompressor parses this layout to zero modifiers, silently
+    flat.write_text("PolicyGradientPruningModifier:\n  sparsity: 0.3\n")
+    assert main(["recipe", str(flat), "--output", str(tmp_path / "out")]) == 2
+    assert "defines no modifier" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 class _SearchStarted(AssertionError):
     pass
 
