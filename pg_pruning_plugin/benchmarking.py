@@ -16,9 +16,10 @@ shared machine hits all of them alike. GPU timings synchronise before reading th
 from __future__ import annotations
 
 import copy
+import ctypes
+import gc
 import json
 import logging
-import resource
 import statistics
 import subprocess
 import sys
@@ -158,20 +159,24 @@ def search_speed(model: nn.Module, batch_size: int = 8, seq_len: int = 128, samp
             "seconds": forwards | steps}
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
 def _cpu_probe() -> None:
-    """Child-process body (spec as JSON in argv[1]): build the model, run one workload, print the
-    peak and post-load RSS in KiB as JSON."""
+    """Child-process body (spec as JSON in argv[1]): build the model, release what loading freed,
+    reset the peak-RSS mark, run one workload, print the peak and post-load RSS in KiB as JSON."""
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
     model, _ = build_model(spec["model"], spec["shape"], "cpu", getattr(torch, spec["dtype"]))
-    loaded = _rss_kib()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux)
+        f.write("5")
+    loaded = _status_kib("VmRSS")
     _run_workload(model, spec["workload"], spec["batch_size"], spec["seq_len"], spec["samples"], spec["keep"])
-    print(json.dumps({"peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "loaded_kib": loaded}))
+    print(json.dumps({"peak_kib": _status_kib("VmHWM"), "loaded_kib": loaded}))
 
 
 @torch.no_grad()
@@ -192,8 +197,9 @@ def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | 
                   seq_len: int = 128, samples: int = 2, keep: float = 0.5) -> dict:
     """Peak memory (MiB) of plain inference and of one search step per execution mode.
 
-    GPU: ``max_memory_allocated`` in this process (weights included). CPU: peak RSS of a fresh
-    spawned child per workload (the interpreter and libraries included, reported separately).
+    GPU: ``max_memory_allocated`` in this process (weights included). CPU: peak RSS (VmHWM, reset
+    after loading) of a fresh child process per workload; it includes the interpreter, libraries
+    and weights, and the RSS right after loading is reported beside it.
     """
     device = next(model.parameters()).device
     out: dict[str, dict] = {}
@@ -217,7 +223,7 @@ def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | 
             raise RuntimeError(f"memory probe for {workload} failed:\n{child.stderr[-2000:]}")
         r = json.loads(child.stdout.strip().splitlines()[-1])
         out[workload] = {"peak_mib": r["peak_kib"] / 1024, "after_load_mib": r["loaded_kib"] / 1024}
-    return {"method": "peak RSS (ru_maxrss) of a fresh child process per workload", "peak": out}
+    return {"method": "peak RSS (VmHWM reset after loading) of a fresh child process per workload", "peak": out}
 
 
 def uniform_masks(space: SearchSpace, sparsity: float, round_to: int | None, seed: int = 0) -> UnitScores:

@@ -37,7 +37,7 @@ def _estimates(estimator: str, k: int, draws: int, seed: int = 0) -> torch.Tenso
 @pytest.mark.parametrize("estimator,k", [("loo", 2), ("loo", 4), ("antithetic", 2), ("antithetic", 4),
                                          ("authors", 2)])
 def test_estimators_are_unbiased_on_the_authors_scale(estimator, k):
-    est = _estimates(estimator, k, draws=6000)
+    est = _estimates(estimator, k, draws=3000)
     stderr = est.std(0) / est.shape[0] ** 0.5
     err = (est.mean(0) - _authors_scale_target(k)).abs()
     assert (err < 4 * stderr + 1e-3).all(), (est.mean(0), _authors_scale_target(k), stderr)

@@ -61,6 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="parts not to measure")
     p.add_argument("--results-dir", default="docs/results/speed", help="raw JSON results, one file per run")
     p.add_argument("--out", default="docs/results/speed.md", help="report rendered from every JSON in --results-dir")
+    p.add_argument("--render-only", action="store_true", help="only re-render --out from --results-dir")
 
 
 def _check(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
@@ -127,6 +128,8 @@ def _render_run(r: dict) -> list[str]:
              + "  ",
              f"Versions: Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, "
              f"torch-pruning {m['torch_pruning']}", ""]
+    if "note" in r:
+        lines += [f"Note: {r['note']}", ""]
     summary = _summary(r)
     if "search" in r:
         s = r["search"]
@@ -204,6 +207,9 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.render_only:
+        render(Path(args.results_dir), Path(args.out))
+        return 0
     device, dtype = _check(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
