@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench")
+COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench", "compare")
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
