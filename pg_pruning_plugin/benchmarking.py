@@ -252,7 +252,11 @@ def _generation_times(model: nn.Module, batch_sizes: list[int], prompt_len: int,
                                           max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
         t = timed({"one": gen(1), "many": gen(new_tokens)}, device, repeats)
-        out[b] = (t["one"], (t["many"] - t["one"]) / (new_tokens - 1))
+        decode = (t["many"] - t["one"]) / (new_tokens - 1)
+        if decode <= 0:  # timing noise larger than the decode time itself: no measurement
+            logger.warning("batch %d: decode time lost in timing noise; raise --repeats or new tokens", b)
+            decode = float("nan")
+        out[b] = (t["one"], decode)
     return out
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .architectures import architecture_of, decoder_layers
 
-__all__ = ["atomic_directory", "check_output_dir", "load_pruned", "pruned_model_class", "save_pruned"]
+__all__ = ["atomic_directory", "check_output_dir", "write_atomic", "load_pruned", "pruned_model_class", "save_pruned"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,20 @@ def atomic_directory(output: Path) -> Iterator[Path]:
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` to a temporary sibling of ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -15,7 +15,6 @@ import os
 import platform
 import shlex
 import sys
-import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..benchmarking import SHAPES, build_model, inference_speed, search_memory, search_speed
+from ..checkpoint import write_atomic
 
 NAME = "bench"
 HELP = "measure search throughput and memory, and prefill/decode speed of pruned models; write speed.md"
@@ -195,15 +195,7 @@ def render(results_dir: Path, out: Path) -> None:
         lines += [notes.read_text().strip(), ""]
     for r in runs:
         lines += _render_run(r)
-    _write_atomic(out, "\n".join(lines))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(out, "\n".join(lines))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -224,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
     def save() -> None:  # after every part, so an interrupted run keeps what it measured
         result["wall_seconds"] = time.perf_counter() - start
-        _write_atomic(path, json.dumps(result, indent=1))
+        write_atomic(path, json.dumps(result, indent=1))
         render(results_dir, Path(args.out))
 
     keep = 1 - args.sample_sparsity

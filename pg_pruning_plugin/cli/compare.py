@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import write_atomic
+
 NAME = "compare"
 HELP = "compare baselines (random, magnitude, Wanda-sp, FLAP, Taylor) and the search; write quality.md"
 
@@ -165,14 +167,6 @@ def _machine(device: torch.device) -> dict:
     return info
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- runs
 
 def _settings(args: argparse.Namespace, tasks: tuple[str, ...]) -> dict:
@@ -286,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
             state["commands"] = [*state.get("commands", []), command]
         state["wall_seconds"] = previous + time.perf_counter() - start
         state["machine"] = machine | {"load_average_end": os.getloadavg()[0]}
-        _write_atomic(args.results, json.dumps(state, indent=1))
+        write_atomic(args.results, json.dumps(state, indent=1))
         render(state, args.out, args.plot, args.notes)
 
     if ("dense", 0.0) not in done:
@@ -463,4 +457,4 @@ def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = 
         lines += ["", f"![quality plot]({plot_path.name})"]
     if notes is not None:
         lines += ["", "## Notes (written by hand, not produced by this command)", "", notes.read_text().strip()]
-    _write_atomic(out, "\n".join(lines) + "\n")
+    write_atomic(out, "\n".join(lines) + "\n")
