@@ -1,0 +1,128 @@
+"""SmolLM2-135M: policy-gradient pruning alone vs pruning then GPTQ W4A16 (group 64), through llmcompressor.
+
+Runs two recipes with ``pg-prune recipe`` (one ``oneshot`` each, in a subprocess, same search
+settings, data and seed, so both prune the same units), then measures for the dense model and both
+outputs: held-out perplexity (wiki-vital eval split, 128-token windows, batch protocol), the size of
+the checkpoint on disk, and the load time with ``pg_pruning_plugin.load_pruned`` (per-layer widths;
+fp32, decompressing the int4 weights). Writes
+``results.json`` and ``results.md`` under ``--out``.
+
+    python bench/llmcompressor_quant.py --steps 30 --num-samples 240 --eval-windows 256 --out runs/bench-llmc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from pg_pruning_plugin import load_pruned
+from pg_pruning_plugin.evaluation import perplexity
+from pg_pruning_plugin.integrations.llmcompressor import REPORT_FILE
+from pg_pruning_plugin.models import resolve_model_dir
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# Both runs use the paper's global budget (SmolLM2 has 3 KV groups per layer, so a uniform 30 % keeps
+# them all) and 64-multiple MLP widths (implied by group 64 in the quantized run, set for pruning alone).
+VARIANTS = {
+    "pg30": ("pg_prune.yaml", ["round_to=64"]),
+    "pg30-w4a16-g64": ("pg_prune_gptq_w4a16_g64.yaml", ["global_budget=true"]),
+}
+
+
+def recipe_command(recipe: str, overrides: list[str], args: argparse.Namespace, output: Path) -> list[str]:
+    cmd = [str(Path(sys.executable).parent / "pg-prune"), "recipe", str(RECIPES / recipe), "--model", args.model,
+           "--output", str(output), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+           "--overwrite", "--set", f"steps={args.steps}"]
+    return cmd + [x for o in overrides for x in ("--set", o)]
+
+
+def disk_mib(path: Path) -> dict[str, float]:
+    files = [p for p in path.rglob("*") if p.is_file()]
+    weights = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
+    return {"weights_mib": weights / 2**20, "total_mib": sum(p.stat().st_size for p in files) / 2**20}
+
+
+def load_seconds(path: Path, repeats: int) -> tuple[list[float], torch.nn.Module]:
+    times, model = [], None
+    for _ in range(repeats):
+        del model
+        start = time.perf_counter()
+        model = load_pruned(path, dtype=torch.float32)
+        times.append(time.perf_counter() - start)
+    return times, model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--steps", type=int, default=30, help="search steps (the recipes ship 500)")
+    p.add_argument("--num-samples", type=int, default=240, help="calibration blocks for the search and GPTQ")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--eval-windows", type=int, default=256, help="held-out 128-token windows")
+    p.add_argument("--load-repeats", type=int, default=3)
+    p.add_argument("--reuse", action="store_true", help="evaluate existing outputs instead of re-running the recipes")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-llmc"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    runs = {}
+    for name, (recipe, overrides) in VARIANTS.items():
+        output = args.out / name
+        cmd = recipe_command(recipe, overrides, args, output)
+        runs[name] = {"command": " ".join(["pg-prune", *cmd[1:]]), "recipe": recipe}
+        if args.reuse and (output / "config.json").is_file():
+            continue
+        start = time.perf_counter()
+        with open(args.out / f"{name}.log", "w") as log:
+            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        runs[name]["oneshot_seconds"] = time.perf_counter() - start
+
+    dense_dir = Path(resolve_model_dir(args.model))
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    rows = {}
+    for name, path in ({"dense": dense_dir} | {n: args.out / n for n in VARIANTS}).items():
+        times, model = load_seconds(path, args.load_repeats)
+        ppl = perplexity(model, tokenizer, "wiki-vital", seq_len=128, max_windows=args.eval_windows)
+        report = json.loads((path / REPORT_FILE).read_text()) if (path / REPORT_FILE).is_file() else {}
+        rows[name] = {
+            **runs.get(name, {}), **disk_mib(path), "load_seconds": times,
+            "load_seconds_median": statistics.median(times), "ppl": ppl.ppl, "eval": str(ppl),
+            "parameters": sum(t.numel() for t in model.state_dict().values()),
+            "kept_per_layer": report.get("kept_per_layer"), "effective": report.get("effective"),
+            "search_seconds": report.get("search_seconds"),
+        }
+        del model
+    same = rows["pg30"]["kept_per_layer"] == rows["pg30-w4a16-g64"]["kept_per_layer"]
+    meta = {
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}",
+        "versions": {k: version(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors",
+                                             "torch-pruning")},
+        "steps": args.steps, "num_samples": args.num_samples, "seq_len": args.seq_len,
+        "eval_windows": args.eval_windows, "same_pruning_in_both_runs": same,
+    }
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = ["| model | held-out PPL | weights on disk (MiB) | checkpoint total (MiB) | load time (s, median) |",
+             "|---|---|---|---|---|"]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['ppl']:.2f} | {r['weights_mib']:.1f} | {r['total_mib']:.1f} | "
+                     f"{r['load_seconds_median']:.2f} |")
+    text = "\n".join(lines) + f"\n\n{rows['dense']['eval']}; same pruning in both runs: {same}\n"
+    (args.out / "results.md").write_text(text)
+    print(json.dumps(meta, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
