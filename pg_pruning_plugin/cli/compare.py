@@ -50,7 +50,7 @@ LABELS = {
     "wanda-sp": "Wanda-sp (per layer)",
     "flap": "FLAP, per-type adaptive + bias",
     "flap-joint": "FLAP AL-AM, joint + bias",
-    "taylor": "Taylor |w·g| (global)",
+    "taylor": "Taylor, first-order w·grad (global)",
     "pg-wanda-sp": "PG search, Wanda-sp init",
     "pg-constant": "PG search, constant init",
 }
