@@ -112,7 +112,7 @@ def select_units(scores: UnitScores, space: SearchSpace, attn_keep: float, mlp_k
         n, layers = offsets[-1], len(offsets) - 1
         if glob and n - int(n * (1 - keep) + 1e-9) < layers:
             raise ValueError(f"keeping {keep:.0%} of {n} units leaves fewer than one per layer ({layers} layers)")
-        return top_k_mask(_reserve_best(s, offsets) if glob else s, keep, offsets, global_pool=glob)
+        return top_k_mask(s, keep, offsets, global_pool=glob)
 
     return UnitScores(one(scores.attn, attn_keep, space.attn_offsets), one(scores.mlp, mlp_keep, space.mlp_offsets))
 

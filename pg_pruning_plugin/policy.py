@@ -185,6 +185,20 @@ def _largest_remainder(shares: torch.Tensor, total: int) -> list[int]:
     return counts.tolist()
 
 
+def _topk_counts(s: torch.Tensor, total: int, bounds: list[tuple[int, int]], min_keep: int) -> list[int]:
+    """Per-layer counts of the global top-``total`` of ``s`` given that every layer keeps its best
+    ``min_keep`` units: those are reserved first, the rest of the budget goes to the highest ``s``
+    among all other units, so the total stays exactly ``total`` whenever it can."""
+    reserved = torch.zeros(s.numel(), dtype=torch.bool)
+    for a, b in bounds:
+        reserved[a + torch.topk(s[a:b], min(min_keep, b - a)).indices] = True
+    rest = total - int(reserved.sum())
+    if rest > 0:
+        free = torch.nonzero(~reserved).flatten()
+        reserved[free[torch.topk(s[free], min(rest, free.numel())).indices]] = True
+    return [int(reserved[a:b].sum()) for a, b in bounds]
+
+
 def top_k_mask(
     s: torch.Tensor,
     keep_ratio: float,
@@ -201,7 +215,8 @@ def top_k_mask(
     ``"expected-width"`` gives each layer its expected kept count ``Σ s`` (rounded by largest
     remainder to the exact total), so unpolarised probabilities are never compared across layers.
     Within a layer the most probable units are kept. Every layer keeps at least ``min_keep`` units;
-    with ``round_to`` each count is rounded to the nearest multiple (≥ ``round_to``, ≤ the width).
+    under ``"topk"`` they count against the budget (the least probable units elsewhere give way), so
+    the total is exact unless ``min_keep`` per layer alone exceeds it. With ``round_to`` each count is rounded to the nearest multiple (≥ ``round_to``, ≤ the width).
     """
     if rule not in MASK_RULES:
         raise ValueError(f"unknown mask rule {rule!r}; choose one of {', '.join(MASK_RULES)}")
@@ -211,9 +226,7 @@ def top_k_mask(
     if not global_pool:
         counts = [(b - a) - int((b - a) * (1 - keep_ratio) + 1e-9) for a, b in bounds]
     elif rule == "topk":
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.topk(s, total).indices] = True
-        counts = [int(keep[a:b].sum()) for a, b in bounds]
+        counts = _topk_counts(s, total, bounds, min_keep)
     else:
         sums = torch.stack([s[a:b].double().sum() for a, b in bounds])
         counts = _largest_remainder(sums * total / sums.sum(), total)

@@ -62,7 +62,8 @@ def test_sigmap_mean_is_the_init_rate_and_order_is_kept():
 def test_top_k_global_keeps_budget_and_one_unit_per_layer():
     s = torch.cat([torch.zeros(10), torch.ones(10)])  # layer 0 would be emptied by a plain global top-k
     mask = top_k_mask(s, 0.5, [0, 10, 20], global_pool=True)
-    assert mask[:10].sum() == 1 and mask[10:].sum() == 10
+    assert mask.sum() == 10  # the reserved unit counts against the budget
+    assert mask[:10].sum() == 1 and mask[10:].sum() == 9
 
 
 def test_top_k_per_layer_and_rounding():
