@@ -8,7 +8,8 @@ families only differ in details that removal of whole KV groups and MLP channels
 Units per decoder layer (method.md §2.1):
   * attention unit = one KV group: one key/value head plus the ``n_rep`` query heads reading it
     (plain multi-head attention is ``n_rep == 1``);
-  * MLP unit = one intermediate channel (a gate/up row and the matching down column).
+  * MLP unit = one intermediate channel (a gate/up row and the matching down column);
+  * with depth granularity, also the whole attention block and the whole MLP block.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ class ArchitectureSpec:
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    mlp_norm: str = "post_attention_layernorm"  # the norm whose input is the residual stream between the blocks
 
 
 _LLAMA_LAYOUT = ArchitectureSpec("Llama 1/2/3, Vicuna")
@@ -52,8 +54,8 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "qwen2": ArchitectureSpec("Qwen2/2.5 (q/k/v biases)"),
     "qwen3": ArchitectureSpec("Qwen3 (per-head q/k norms)"),
     "gemma": ArchitectureSpec("Gemma 1"),
-    "gemma2": ArchitectureSpec("Gemma 2 (soft-capping, sliding windows)"),
-    "gemma3_text": ArchitectureSpec("Gemma 3 text (q/k norms, sliding windows)"),
+    "gemma2": ArchitectureSpec("Gemma 2 (soft-capping, sliding windows)", mlp_norm="pre_feedforward_layernorm"),
+    "gemma3_text": ArchitectureSpec("Gemma 3 text (q/k norms, sliding windows)", mlp_norm="pre_feedforward_layernorm"),
 }
 
 
@@ -89,7 +91,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """Prunable widths of one decoder layer as it currently is."""
+    """Prunable widths of one decoder layer as it currently is (0 units: the block was removed)."""
 
     num_kv_groups: int  # n_kv: attention units
     queries_per_group: int  # n_rep
@@ -132,13 +134,21 @@ class SearchSpace:
         shapes = []
         for layer in decoder_layers(model):
             attn = getattr(layer, spec.attention)
-            mlp = getattr(layer, spec.mlp)
+            gate = getattr(getattr(layer, spec.mlp), spec.gate, None)
+            intermediate = 0 if gate is None else gate.out_features  # no gate_proj: the MLP block was removed
+            if getattr(attn, spec.q, None) is None:  # the attention block was removed
+                shapes.append(LayerShape(0, 0, head_dim, intermediate))
+                continue
             n_q = getattr(attn, spec.q).out_features // head_dim
             n_kv = getattr(attn, spec.k).out_features // head_dim
             if n_kv == 0 or n_q % n_kv:
                 raise ValueError(f"layer has {n_q} query heads and {n_kv} KV heads; expected a multiple")
-            shapes.append(LayerShape(n_kv, n_q // n_kv, head_dim, getattr(mlp, spec.gate).out_features))
+            shapes.append(LayerShape(n_kv, n_q // n_kv, head_dim, intermediate))
         return cls(spec, shapes, config.hidden_size, config.model_type)
+
+    @property
+    def has_removed_blocks(self) -> bool:
+        return any(s.num_kv_groups == 0 or s.intermediate_size == 0 for s in self.layers)
 
     @property
     def num_layers(self) -> int:
@@ -166,6 +176,18 @@ class SearchSpace:
     def params_per_mlp_unit(self) -> int:
         """gate/up rows and the down column of one channel: ``3·H``."""
         return 3 * self.hidden_size
+
+    def flops_per_attn_unit(self, layer: int, seq_len: int) -> int:
+        """Forward FLOPs per token of one KV group at context ``seq_len``: its projections
+        (2 per weight) plus scores and weighted values of its ``n_rep`` heads, ``2·n_rep·d·(T+1)``
+        (each of the two products costs ``2·d`` per attended position, ``(T+1)/2`` on average under
+        the causal mask)."""
+        s = self.layers[layer]
+        return 2 * self.params_per_attn_unit(layer) + 2 * s.queries_per_group * s.head_dim * (seq_len + 1)
+
+    def flops_per_mlp_unit(self) -> int:
+        """Forward FLOPs per token of one MLP channel: ``2·3·H``."""
+        return 2 * self.params_per_mlp_unit()
 
     def prunable_parameters(self) -> int:
         """Weights of q/k/v/o/gate/up/down only (method.md §8 accounting)."""

@@ -2,7 +2,7 @@
 
 ``save_pruned`` writes ``save_pretrained`` output (plus tokenizer) to a temporary directory and
 renames it into place, so an interrupted run never leaves a half-written model. The config keeps
-``pruned_layers`` (per-layer widths). Uniform widths also set the standard config fields, so stock
+``pruned_layers`` (per-layer widths; 0 marks a removed block). Uniform widths also set the standard config fields, so stock
 ``AutoModelForCausalLM.from_pretrained`` loads them; heterogeneous widths load with
 :func:`load_pruned`, which builds each layer's projections at the recorded sizes before the weights
 are read.
@@ -24,6 +24,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .architectures import architecture_of, decoder_layers
+from .removal import RemovedAttention, RemovedMLP
 
 __all__ = ["atomic_directory", "check_output_dir", "write_atomic", "load_pruned", "pruned_model_class", "save_pruned"]
 
@@ -96,8 +97,12 @@ def _resize_layers(model: nn.Module, widths: list[dict]) -> None:
     layers = decoder_layers(model)
     if len(widths) != len(layers):
         raise ValueError(f"config records {len(widths)} pruned layers but the model has {len(layers)}")
-    for layer, w in zip(layers, widths):
+    for i, (layer, w) in enumerate(zip(layers, widths)):
         attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
+        if w["num_key_value_heads"] == 0:
+            setattr(layer, spec.attention, RemovedAttention(i))
+        if w["intermediate_size"] == 0:
+            setattr(layer, spec.mlp, RemovedMLP())
         q_width, kv_width = w["num_attention_heads"] * head_dim, w["num_key_value_heads"] * head_dim
         new_shapes = {
             (attn, spec.q): (None, q_width), (attn, spec.k): (None, kv_width), (attn, spec.v): (None, kv_width),
@@ -105,12 +110,16 @@ def _resize_layers(model: nn.Module, widths: list[dict]) -> None:
             (mlp, spec.up): (None, w["intermediate_size"]), (mlp, spec.down): (w["intermediate_size"], None),
         }
         for (parent, name), (in_features, out_features) in new_shapes.items():
+            if (parent is attn and not w["num_key_value_heads"]) or (parent is mlp and not w["intermediate_size"]):
+                continue
             old = getattr(parent, name)
             new = nn.Linear(in_features or old.in_features, out_features or old.out_features,
                             bias=old.bias is not None, device=old.weight.device, dtype=old.weight.dtype)
             setattr(parent, name, new)
-        attn.num_key_value_groups = w["num_attention_heads"] // w["num_key_value_heads"]
-        mlp.intermediate_size = w["intermediate_size"]
+        if w["num_key_value_heads"]:
+            attn.num_key_value_groups = w["num_attention_heads"] // w["num_key_value_heads"]
+        if w["intermediate_size"]:
+            mlp.intermediate_size = w["intermediate_size"]
 
 
 _PRUNED_CLASSES: dict[type, type] = {}

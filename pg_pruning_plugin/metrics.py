@@ -27,7 +27,7 @@ from .architectures import SearchSpace, decoder_layers
 from .masking import UnitMasks, masked
 from .policy import top_k_mask
 
-__all__ = ["METRICS", "UnitScores", "compute_metric"]
+__all__ = ["METRICS", "BlockInfluence", "UnitScores", "block_influence", "compute_metric"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,27 @@ _ACTIVATION_METRICS = ("wanda-sp", "flap")
 
 @dataclass
 class UnitScores:
-    """One value per unit, flat per type in :class:`SearchSpace` order."""
+    """One value per unit, flat per type in :class:`SearchSpace` order.
+
+    ``attn_blocks``/``mlp_blocks`` (one value per decoder layer) are present only when whole
+    attention or MLP blocks are units too (depth granularity); ``None`` means every block stays.
+    """
 
     attn: torch.Tensor  # [num_attn_units]
     mlp: torch.Tensor  # [num_mlp_units]
+    attn_blocks: torch.Tensor | None = None  # [num_layers]
+    mlp_blocks: torch.Tensor | None = None  # [num_layers]
+
+    @property
+    def has_blocks(self) -> bool:
+        return self.attn_blocks is not None
+
+    def as_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors by name (block entries only when present)."""
+        out = {"attn": self.attn, "mlp": self.mlp}
+        if self.has_blocks:
+            out |= {"attn_blocks": self.attn_blocks, "mlp_blocks": self.mlp_blocks}
+        return out
 
 
 class _InputStats:
@@ -196,3 +213,74 @@ class _LayerAsModel(nn.Module):
 
 def _single_layer_space(space: SearchSpace, i: int) -> SearchSpace:
     return SearchSpace(space.spec, [space.layers[i]], space.hidden_size, space.model_type)
+
+
+@dataclass
+class BlockInfluence:
+    """Block influence (ShortGPT, Men et al. 2024): ``1 − cos(x_in, x_out)`` of the residual stream
+    across a block, averaged over tokens; higher means the block changes more (more important)."""
+
+    attn: torch.Tensor  # [L] across each attention block
+    mlp: torch.Tensor  # [L] across each MLP block
+    layer: torch.Tensor  # [L] across each whole decoder layer
+
+
+class _CosineMean:
+    def __init__(self, num_layers: int):
+        self.sum = torch.zeros(num_layers, dtype=torch.float64)
+        self.tokens = torch.zeros(num_layers, dtype=torch.float64)
+
+    def add(self, i: int, a: torch.Tensor, b: torch.Tensor) -> None:
+        cos = torch.nn.functional.cosine_similarity(a.double().flatten(0, -2), b.double().flatten(0, -2), dim=-1)
+        self.sum[i] += float(cos.sum())
+        self.tokens[i] += cos.numel()
+
+    def influence(self) -> torch.Tensor:
+        return (1 - self.sum / self.tokens.clamp_min(1)).float()
+
+
+@torch.no_grad()
+def block_influence(model: nn.Module, space: SearchSpace, batches: Sequence[torch.Tensor],
+                    progress: bool = True) -> BlockInfluence:
+    """:class:`BlockInfluence` of every attention block, MLP block and decoder layer (dense forwards).
+
+    The residual stream between the two blocks is the input of ``spec.mlp_norm``.
+    """
+    if not batches:
+        raise ValueError("block influence needs calibration batches")
+    spec, layers = space.spec, decoder_layers(model)
+    attn, mlp, whole = (_CosineMean(len(layers)) for _ in range(3))
+    inputs, middles, handles = {}, {}, []
+
+    def layer_pre(i):
+        def hook(module, args, kwargs):
+            inputs[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def norm_pre(i):
+        def hook(module, args):
+            middles[i] = args[0]
+            attn.add(i, inputs[i], args[0])
+        return hook
+
+    def layer_post(i):
+        def hook(module, args, kwargs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            mlp.add(i, middles[i], out)
+            whole.add(i, inputs[i], out)
+        return hook
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
+        handles.append(getattr(layer, spec.mlp_norm).register_forward_pre_hook(norm_pre(i)))
+        handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(batches, desc="block influence", disable=not progress, leave=False):
+            model(input_ids=ids.to(model.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return BlockInfluence(attn.influence(), mlp.influence(), whole.influence())

@@ -8,6 +8,11 @@ tracing uses eager attention and ``use_cache=False`` (bugs 1, 2); duplicated GQA
 removed before pruning and groups are never checked with the duplicate-counting check (bug 3);
 index mappings are frozen at their traced values (bugs 10, 11: :func:`freeze_index_mappings`); each group
 must contain exactly the expected Linear members, or removal stops with an error.
+
+Whole blocks (depth granularity) are removed by the plugin itself: a removed attention block
+becomes :class:`RemovedAttention` and a removed MLP block :class:`RemovedMLP`, modules without
+weights that add nothing to the residual stream; a decoder layer that loses both is deleted and
+``num_hidden_layers`` (and ``layer_types``) shrink.
 """
 
 from __future__ import annotations
@@ -23,16 +28,56 @@ import torch_pruning as tp
 from torch_pruning import ops
 from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 
-from .architectures import SearchSpace, decoder_layers
+from .architectures import LayerShape, SearchSpace, architecture_of, decoder_layers
 from .metrics import UnitScores
 
-__all__ = ["GroupLayoutError", "dependency_graph", "freeze_index_mappings", "prune_model", "update_config"]
+__all__ = ["GroupLayoutError", "RemovedAttention", "RemovedMLP", "dependency_graph", "freeze_index_mappings",
+           "kept_space", "prune_model", "update_config"]
 
 logger = logging.getLogger(__name__)
 
 
 class GroupLayoutError(RuntimeError):
     """Torch-Pruning coupled a removal with modules other than the expected projections."""
+
+
+class RemovedAttention(nn.Module):
+    """A removed attention block: its output is zero, so the decoder layer passes the residual stream on.
+
+    It has no weights. With a KV cache it still appends one placeholder value per token to its cache
+    layer (``[B, 1, T, 1]``), because transformers reads positions and mask sizes from cache layers.
+    """
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **kwargs) -> tuple[torch.Tensor, None]:
+        if past_key_values is not None:
+            marker = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            past_key_values.update(marker, marker, self.layer_idx)
+        return torch.zeros_like(hidden_states), None
+
+
+class RemovedMLP(nn.Module):
+    """A removed MLP block: no weights, zero output."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
+def kept_space(space: SearchSpace, masks: UnitScores) -> SearchSpace:
+    """The widths ``masks`` keep in every layer of ``space`` (0 units where a block is removed)."""
+    shapes = []
+    for i, shape in enumerate(space.layers):
+        kv = int(masks.attn[space.attn_slice(i)].sum())
+        channels = int(masks.mlp[space.mlp_slice(i)].sum())
+        if masks.has_blocks and not masks.attn_blocks[i]:
+            kv = 0
+        if masks.has_blocks and not masks.mlp_blocks[i]:
+            channels = 0
+        shapes.append(LayerShape(kv, shape.queries_per_group if kv else 0, shape.head_dim, channels))
+    return SearchSpace(space.spec, shapes, space.hidden_size, space.model_type)
 
 
 @contextmanager
@@ -111,7 +156,7 @@ def _execute(group, expected: dict[nn.Module, str]) -> None:
 
 
 def prune_model(model: nn.Module, masks: UnitScores, graph: tp.DependencyGraph | None = None) -> nn.Module:
-    """Remove every unit whose mask is 0, in place, and update the config; returns ``model``.
+    """Remove every unit (and block) whose mask is 0, in place, and update the config; returns ``model``.
 
     The result computes the same logits as ``model`` under :func:`masking.masked` with ``masks``.
     """
@@ -121,39 +166,77 @@ def prune_model(model: nn.Module, masks: UnitScores, graph: tp.DependencyGraph |
             f"masks cover {masks.attn.numel()} KV groups and {masks.mlp.numel()} MLP channels; the model has "
             f"{space.num_attn_units} and {space.num_mlp_units}"
         )
-    for i in range(space.num_layers):
-        if masks.attn[space.attn_slice(i)].sum() < 1 or masks.mlp[space.mlp_slice(i)].sum() < 1:
-            raise ValueError(f"masks remove every unit of layer {i}; at least one KV group and channel must stay")
+    if space.has_removed_blocks:
+        raise ValueError("the model already has removed blocks; apply masks to the unpruned model")
+    after = kept_space(space, masks)
+    drop_attn = [s.num_kv_groups == 0 for s in after.layers]
+    drop_mlp = [s.intermediate_size == 0 for s in after.layers]
+    if not masks.has_blocks:
+        for i in range(space.num_layers):
+            if drop_attn[i] or drop_mlp[i]:
+                raise ValueError(f"masks remove every unit of layer {i}; at least one KV group and channel must stay "
+                                 f"(or remove the whole block with attn_blocks/mlp_blocks masks)")
+    if all(drop_attn) and all(drop_mlp):
+        raise ValueError("masks remove every decoder layer; at least one block must stay")
     graph = graph or dependency_graph(model)
     spec = space.spec
-    for i, layer in enumerate(decoder_layers(model)):
+    layers = decoder_layers(model)
+    for i, layer in enumerate(layers):
         shape = space.layers[i]
         attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
         q, k, v, o = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
         gate, up, down = (getattr(mlp, n) for n in (spec.gate, spec.up, spec.down))
         removed_groups = (masks.attn[space.attn_slice(i)] == 0).nonzero().flatten().tolist()
-        if removed_groups:
+        if removed_groups and not drop_attn[i]:
             width = shape.queries_per_group * shape.head_dim
             q_idxs = [g * width + j for g in removed_groups for j in range(width)]
             group = graph.get_pruning_group(o, tp.prune_linear_in_channels, q_idxs)
             _execute(group, {o: "prune_in_channels", q: "prune_out_channels",
                              k: "prune_out_channels", v: "prune_out_channels"})
         removed_channels = (masks.mlp[space.mlp_slice(i)] == 0).nonzero().flatten().tolist()
-        if removed_channels:
+        if removed_channels and not drop_mlp[i]:
             group = graph.get_pruning_group(gate, tp.prune_linear_out_channels, removed_channels)
             _execute(group, {gate: "prune_out_channels", up: "prune_out_channels", down: "prune_in_channels"})
     for module in model.modules():
         if isinstance(module, nn.Linear):  # Torch-Pruning counts duplicated indices (bug 3b)
             module.out_features, module.in_features = module.weight.shape
+    if any(drop_attn) or any(drop_mlp):
+        remove_blocks(model, drop_attn, drop_mlp)
     update_config(model)
     return model
+
+
+def remove_blocks(model: nn.Module, drop_attn: list[bool], drop_mlp: list[bool]) -> None:
+    """Replace dropped blocks by weightless stand-ins, delete layers that lose both, renumber the rest."""
+    spec = architecture_of(model)
+    base = getattr(model, "model", model)
+    config = model.config.get_text_config()
+    kept_layers = []
+    for i, layer in enumerate(decoder_layers(model)):
+        if drop_attn[i] and drop_mlp[i]:
+            continue
+        if drop_attn[i]:
+            setattr(layer, spec.attention, RemovedAttention(i))
+        if drop_mlp[i]:
+            setattr(layer, spec.mlp, RemovedMLP())
+        kept_layers.append((i, layer))
+    if len(kept_layers) < len(drop_attn):
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            config.layer_types = [layer_types[i] for i, _ in kept_layers]
+        base.layers = nn.ModuleList(layer for _, layer in kept_layers)
+        config.num_hidden_layers = len(kept_layers)
+        for j, (_, layer) in enumerate(kept_layers):
+            getattr(layer, spec.attention).layer_idx = j
+            if hasattr(layer, "layer_idx"):
+                layer.layer_idx = j
 
 
 def update_config(model: nn.Module) -> None:
     """Write the current per-layer widths into the model and its config.
 
-    Always records ``pruned_layers`` (one dict per layer); when every layer is equal and the config
-    class accepts them, the standard fields (``num_attention_heads``, ``num_key_value_heads``,
+    Always records ``pruned_layers`` (one dict per layer; 0 heads or 0 channels: the block is removed);
+    when every layer is equal and the config class accepts them, the standard fields (``num_attention_heads``, ``num_key_value_heads``,
     ``intermediate_size``) are set too, so stock ``from_pretrained`` loads the checkpoint.
     """
     space = SearchSpace.from_model(model)
@@ -164,12 +247,13 @@ def update_config(model: nn.Module) -> None:
         for s in space.layers
     ]
     for layer, shape in zip(decoder_layers(model), space.layers):
-        attn = getattr(layer, space.spec.attention)
-        attn.num_key_value_groups = shape.queries_per_group
-        getattr(layer, space.spec.mlp).intermediate_size = shape.intermediate_size
+        if shape.num_kv_groups:
+            getattr(layer, space.spec.attention).num_key_value_groups = shape.queries_per_group
+        if shape.intermediate_size:
+            getattr(layer, space.spec.mlp).intermediate_size = shape.intermediate_size
     config.head_dim = space.layers[0].head_dim
     config.pruned_layers = widths
-    if all(w == widths[0] for w in widths):
+    if all(w == widths[0] for w in widths) and not space.has_removed_blocks:
         previous = {key: getattr(config, key) for key in widths[0]}
         for key, value in widths[0].items():
             setattr(config, key, value)

@@ -12,6 +12,8 @@ One step (method.md §3–§6)::
 The model is never modified: masks act through hooks that are removed after every forward
 (``execution="gather"`` swaps in the kept weights for the duration of one forward, see subnetwork.py).
 ``estimator`` replaces the authors' estimator by a leave-one-out or antithetic one (policy.py).
+``granularity`` adds whole attention/MLP blocks as units, and ``cost`` replaces the per-type budgets
+by one budget in parameters or FLOPs (budget.py).
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .architectures import ARCHITECTURES, LayerShape, SearchSpace
+from .budget import (BLOCK_TYPES, COSTS, GRANULARITIES, WIDTH_TYPES, BudgetError, check_custom_costs, cost_mask,
+                     minimum_cost, project_to_cost, searched_types, unit_costs)
 from .masking import UnitMasks, masked
-from .metrics import METRICS, UnitScores, compute_metric
+from .metrics import METRICS, UnitScores, block_influence, compute_metric
 from .policy import (ESTIMATORS, INIT_MAPPINGS, MASK_RULES, policy_gradient, project_pools, sample_masks,
                      scores_from_metric, top_k_mask, usable_samples)
 from .subnetwork import subnetwork
@@ -53,7 +57,10 @@ class SearchConfig:
     """Everything that defines a search. Defaults: the authors' LLaMA-2-7B run (method.md §9).
 
     Sparsities are fractions of units *removed*; ``attn_sparsity``/``mlp_sparsity`` default to
-    ``sparsity`` (the paper's separate budgets with one ratio).
+    ``sparsity`` (the paper's separate budgets with one ratio). With a ``cost`` there is one budget
+    instead: ``sparsity`` is the fraction of the prunable cost (q/k/v/o/gate/up/down parameters, or
+    their forward FLOPs per token at ``cost_seq_len``) removed. ``granularity`` other than ``width``
+    searches whole attention/MLP blocks too and always uses one budget (``cost`` defaults to params).
     """
 
     sparsity: float = 0.3
@@ -77,8 +84,29 @@ class SearchConfig:
     mask_rule: str = "topk"  # final mask: global top-k (paper) or per-layer expected width, policy.MASK_RULES
     estimator: str = "authors"  # one of policy.ESTIMATORS: authors | loo | antithetic
     execution: str = "mask"  # mask: zero dropped units; gather: skip them, one forward per sample
+    granularity: str = "width"  # budget.GRANULARITIES: width | depth | width+depth
+    cost: str | None = None  # None: separate budgets per unit type (paper); params | flops | custom: one budget
+    cost_seq_len: int = 2048  # context length of the FLOPs cost
+    custom_costs: dict[str, float] | None = None  # cost="custom": {"attn": per KV group, "mlp": per channel}
 
     def __post_init__(self) -> None:
+        searched_types(self.granularity)  # validates the name
+        if self.cost is None and self.granularity != "width":
+            self.cost = "params"
+        if self.cost is not None:
+            if self.cost not in COSTS:
+                raise ValueError(f"cost={self.cost!r}; choose one of {', '.join(COSTS)} (or None for separate budgets)")
+            if self.cost == "custom":
+                check_custom_costs(self.custom_costs)
+            if self.attn_sparsity is not None or self.mlp_sparsity is not None:
+                raise ValueError("one cost budget has one ratio: set sparsity, not attn_sparsity/mlp_sparsity")
+            if not self.global_budget:
+                raise ValueError("a cost budget is one global budget; per-layer (uniform) budgets need cost=None")
+            if self.mask_rule != "topk":
+                raise ValueError("mask_rule applies to separate budgets; a cost budget always drops the least "
+                                 "probable units until the kept cost fits")
+        if self.cost_seq_len < 1:
+            raise ValueError("cost_seq_len must be a positive number of tokens")
         for name in ("sparsity", "attn_sparsity", "mlp_sparsity"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value < 1.0:
@@ -105,6 +133,18 @@ class SearchConfig:
             raise ValueError(f"execution={self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
 
     @property
+    def searched(self) -> tuple[str, ...]:
+        """The unit types that carry Bernoulli keep-probabilities (budget.searched_types)."""
+        return searched_types(self.granularity)
+
+    @property
+    def width_keep(self) -> float:
+        """Initial mean keep-probability of the width units (block units: the same under width+depth,
+        so that the expected kept cost starts at ``1 − sparsity``)."""
+        keep = 1.0 - self.sparsity
+        return math.sqrt(keep) if self.granularity == "width+depth" else keep
+
+    @property
     def attn_keep(self) -> float:
         return 1.0 - (self.attn_sparsity if self.attn_sparsity is not None else self.sparsity)
 
@@ -128,8 +168,8 @@ class SearchResult:
     def save(self, path: str | os.PathLike) -> None:
         """Write probabilities, masks, config and layer shapes (tensors and plain data only)."""
         blob = {
-            "probs": {"attn": self.probs.attn, "mlp": self.probs.mlp},
-            "masks": {"attn": self.masks.attn, "mlp": self.masks.mlp},
+            "probs": self.probs.as_dict(),
+            "masks": self.masks.as_dict(),
             "config": dataclasses.asdict(self.config),
             "layers": [dataclasses.astuple(s) for s in self.space.layers],
             "model_type": self.space.model_type,
@@ -153,15 +193,52 @@ class SearchResult:
         )
 
     def kept_per_layer(self) -> list[tuple[int, int]]:
-        """(kept KV groups, kept MLP channels) of every layer."""
-        return [
-            (int(self.masks.attn[self.space.attn_slice(i)].sum()), int(self.masks.mlp[self.space.mlp_slice(i)].sum()))
-            for i in range(self.space.num_layers)
-        ]
+        """(kept KV groups, kept MLP channels) of every layer; 0 where the whole block is removed."""
+        masks, out = self.masks, []
+        for i in range(self.space.num_layers):
+            attn = int(masks.attn[self.space.attn_slice(i)].sum()) if not masks.has_blocks or masks.attn_blocks[i] else 0
+            mlp = int(masks.mlp[self.space.mlp_slice(i)].sum()) if not masks.has_blocks or masks.mlp_blocks[i] else 0
+            out.append((attn, mlp))
+        return out
+
+
+def cost_budget(space: SearchSpace, config: SearchConfig) -> tuple[UnitScores, float]:
+    """Per-unit costs and the kept-cost budget of a ``config`` with a ``cost``; refuses unreachable budgets."""
+    costs = unit_costs(space, config.cost, config.cost_seq_len, config.custom_costs)
+    total = float(costs.attn.sum() + costs.mlp.sum())
+    budget = (1.0 - config.sparsity) * total
+    floor = minimum_cost(costs, space, config.granularity, config.round_to or 1)
+    if budget < floor:
+        raise BudgetError(
+            f"sparsity={config.sparsity} keeps {budget:,.0f} of {total:,.0f} ({config.cost}), but at least "
+            f"{floor:,.0f} must stay ({_floor_rule(config.granularity)}); reachable: sparsity in "
+            f"(0, {1 - floor / total:.4f}]"
+        )
+    return costs, budget
+
+
+def _floor_rule(granularity: str) -> str:
+    return {"width": "one KV group and one MLP channel per layer", "depth": "one block of one decoder layer",
+            "width+depth": "one unit of one block"}[granularity]
+
+
+def check_unit_budget(space: SearchSpace, config: SearchConfig) -> None:
+    """Separate budgets: refuse a global budget that keeps fewer units than layers (one each must stay)."""
+    for name, keep, n in (("attn", config.attn_keep, space.num_attn_units), ("mlp", config.mlp_keep, space.num_mlp_units)):
+        kept = n - int(n * (1 - keep) + 1e-9)
+        need = space.num_layers * (1 if name == "attn" else config.round_to or 1)
+        if config.global_budget and kept < need:
+            kind = "KV groups" if name == "attn" else "MLP channels"
+            raise BudgetError(f"keeping {kept} of {n} {kind} leaves fewer than {need // space.num_layers} per layer "
+                              f"({space.num_layers} layers); lower the {name} sparsity")
 
 
 def hard_masks(probs: UnitScores, space: SearchSpace, config: SearchConfig) -> UnitScores:
-    """Hard masks of the keep-probabilities per unit type (``config.mask_rule``), ≥ 1 unit per layer."""
+    """Hard masks of the keep-probabilities: per unit type (``config.mask_rule``, ≥ 1 unit per layer),
+    or, with a ``config.cost``, the least probable units dropped until the kept cost fits (budget.cost_mask)."""
+    if config.cost is not None:
+        costs, budget = cost_budget(space, config)
+        return cost_mask(probs, costs, space, budget, config.searched, config.round_to or 1, config.round_to)
     attn = top_k_mask(probs.attn, config.attn_keep, space.attn_offsets, config.global_budget, rule=config.mask_rule)
     mlp = top_k_mask(
         probs.mlp, config.mlp_keep, space.mlp_offsets, config.global_budget,
@@ -176,6 +253,7 @@ def sample_losses(model: nn.Module, space: SearchSpace, batch: dict[str, torch.T
 
     ``execution="gather"`` runs each sample's sub-network (one forward per sample).
     """
+    masks = masks.folded(space)
     if masks.num_samples > 1 and (not one_forward or execution == "gather"):
         return torch.cat([
             sample_losses(model, space, batch, UnitMasks(masks.attn[j], masks.mlp[j]), execution=execution)
@@ -225,6 +303,12 @@ class PolicyGradientSearch:
         self.model = model
         self.config = config or SearchConfig()
         self.space = SearchSpace.from_model(model)
+        if self.space.has_removed_blocks:
+            raise ValueError("the model already has removed blocks; run the search on the unpruned model")
+        if self.config.cost is None:
+            check_unit_budget(self.space, self.config)
+        else:
+            cost_budget(self.space, self.config)  # refuses an unreachable budget before any work
         self.batches = _as_batches(calibration, self.config.batch_size)
         needed = self.config.steps
         available = len(self.batches) * self.config.max_epochs
@@ -239,30 +323,45 @@ class PolicyGradientSearch:
 
     # -- state -----------------------------------------------------------------------------
     def initial_probabilities(self, progress: bool = True) -> UnitScores:
-        """Keep-probabilities the search starts from: ``init_scores`` or the mapped init metric."""
+        """Keep-probabilities the search starts from: ``init_scores`` or the mapped init metrics.
+
+        Width units map ``config.init`` per layer; block units map the block influence
+        (1 − cosine similarity of the residual stream across the block) over all layers. Units that
+        are not searched stay at 1. With a cost budget the result is projected onto it.
+        """
         if self._init_scores is None:
-            cfg = self.config
-            metric = compute_metric(
-                self.model, self.space, cfg.init,
-                [b["input_ids"] for b in self.batches[: cfg.init_batches]],
-                keep_ratio=min(cfg.attn_keep, cfg.mlp_keep), seed=cfg.seed, progress=progress,
-            )
+            cfg, space = self.config, self.space
+            calibration = [b["input_ids"] for b in self.batches[: cfg.init_batches]]
             mapping = "const" if cfg.init == "constant" else cfg.init_mapping
-            self._init_scores = UnitScores(
-                torch.cat([scores_from_metric(metric.attn[self.space.attn_slice(i)], cfg.attn_keep, mapping,
-                                              cfg.init_confidence)
-                           for i in range(self.space.num_layers)]),
-                torch.cat([scores_from_metric(metric.mlp[self.space.mlp_slice(i)], cfg.mlp_keep, mapping,
-                                              cfg.init_confidence)
-                           for i in range(self.space.num_layers)]),
-            )
+            separate = cfg.cost is None
+            attn_keep, mlp_keep = (cfg.attn_keep, cfg.mlp_keep) if separate else (cfg.width_keep, cfg.width_keep)
+            if "attn" in cfg.searched:
+                metric = compute_metric(self.model, space, cfg.init, calibration,
+                                        keep_ratio=min(attn_keep, mlp_keep), seed=cfg.seed, progress=progress)
+                scores = UnitScores(
+                    torch.cat([scores_from_metric(metric.attn[space.attn_slice(i)], attn_keep, mapping,
+                                                  cfg.init_confidence) for i in range(space.num_layers)]),
+                    torch.cat([scores_from_metric(metric.mlp[space.mlp_slice(i)], mlp_keep, mapping,
+                                                  cfg.init_confidence) for i in range(space.num_layers)]),
+                )
+            else:
+                scores = UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units))
+            if BLOCK_TYPES[0] in cfg.searched:
+                influence = block_influence(self.model, space, calibration, progress=progress)
+                block_keep = cfg.width_keep
+                scores.attn_blocks = scores_from_metric(influence.attn, block_keep, mapping, cfg.init_confidence)
+                scores.mlp_blocks = scores_from_metric(influence.mlp, block_keep, mapping, cfg.init_confidence)
+            if not separate:
+                costs, budget = cost_budget(space, cfg)
+                scores = project_to_cost(scores, costs, space, budget, cfg.searched)
+            self._init_scores = scores
         return self._init_scores
 
     def _initial_state(self, progress: bool) -> dict:
         cfg = self.config
         probs = self.initial_probabilities(progress)
         return {
-            "attn": probs.attn.clone().float(), "mlp": probs.mlp.clone().float(),
+            **{k: v.clone().float() for k, v in probs.as_dict().items()},
             "step": 0, "baseline": None, "nan_samples": 0,
             "generator": torch.Generator().manual_seed(cfg.seed).get_state(),
             "history": {"loss": [], "baseline": [], "lr": []},
@@ -276,6 +375,7 @@ class PolicyGradientSearch:
         }
 
     def _save_state(self, state: dict) -> None:
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
         torch.save({"signature": self._signature(), "state": state}, tmp)
         os.replace(tmp, self.checkpoint_path)
@@ -311,8 +411,11 @@ class PolicyGradientSearch:
             logger.info("resuming search from %s at step %d", self.checkpoint_path, state["step"])
         gen = torch.Generator()
         gen.set_state(state["generator"])
-        attn_pools = None if cfg.global_budget else space.attn_offsets
-        mlp_pools = None if cfg.global_budget else space.mlp_offsets
+        pools = {"attn": None if cfg.global_budget else space.attn_offsets,
+                 "mlp": None if cfg.global_budget else space.mlp_offsets}
+        keep = {"attn": cfg.attn_keep, "mlp": cfg.mlp_keep}
+        costs, budget = cost_budget(space, cfg) if cfg.cost is not None else (None, None)
+        kinds = [k for k in WIDTH_TYPES + BLOCK_TYPES if k in state]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -322,15 +425,15 @@ class PolicyGradientSearch:
             for step in bar:
                 lr = _cosine_lr(cfg.lr, step, cfg.steps)
                 antithetic = cfg.estimator == "antithetic"
-                m_attn = sample_masks(state["attn"], cfg.samples_per_step, gen, antithetic)
-                m_mlp = sample_masks(state["mlp"], cfg.samples_per_step, gen, antithetic)
+                sampled = {k: sample_masks(state[k], cfg.samples_per_step, gen, antithetic) if k in cfg.searched
+                           else torch.ones(cfg.samples_per_step, state[k].numel()) for k in kinds}
                 batch = {k: v.to(device) for k, v in self._batch(step).items()}
-                losses = sample_losses(self.model, space, batch, UnitMasks(m_attn, m_mlp),
+                losses = sample_losses(self.model, space, batch, UnitMasks(**sampled),
                                        cfg.samples_in_one_forward, cfg.execution).cpu()  # [K]
                 valid = usable_samples(losses, cfg.estimator)
                 state["nan_samples"] += int((~valid).sum())
                 if int(valid.sum()) >= 2:
-                    losses, m_attn, m_mlp = losses[valid], m_attn[valid], m_mlp[valid]
+                    losses = losses[valid]
                     mean_loss = float(losses.mean())
                     if cfg.baseline_window == 0:
                         baseline = 0.0
@@ -340,12 +443,14 @@ class PolicyGradientSearch:
                         w = cfg.baseline_window
                         baseline = (1 - 1 / w) * state["baseline"] + mean_loss / w
                     state["baseline"] = baseline
-                    state["attn"] = project_pools(
-                        state["attn"] - lr * policy_gradient(cfg.estimator, losses, m_attn, state["attn"], baseline),
-                        cfg.attn_keep, attn_pools)
-                    state["mlp"] = project_pools(
-                        state["mlp"] - lr * policy_gradient(cfg.estimator, losses, m_mlp, state["mlp"], baseline),
-                        cfg.mlp_keep, mlp_pools)
+                    stepped = {k: state[k] - lr * policy_gradient(cfg.estimator, losses, sampled[k][valid], state[k],
+                                                                  baseline) if k in cfg.searched else state[k]
+                               for k in kinds}
+                    if costs is None:  # the paper's separate budgets, per type
+                        stepped = {k: project_pools(v, keep[k], pools[k]) for k, v in stepped.items()}
+                    else:
+                        stepped = project_to_cost(UnitScores(**stepped), costs, space, budget, cfg.searched).as_dict()
+                    state.update(stepped)
                     for key, value in (("loss", mean_loss), ("baseline", baseline), ("lr", lr)):
                         state["history"][key].append(value)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", baseline=f"{baseline:.3f}")
@@ -360,7 +465,7 @@ class PolicyGradientSearch:
             self.model.train(was_training)
         if state["nan_samples"]:
             logger.warning("%d samples had a non-finite loss and were skipped", state["nan_samples"])
-        probs = UnitScores(state["attn"], state["mlp"])
+        probs = UnitScores(**{k: state[k] for k in kinds})
         return SearchResult(
             probs=probs, masks=hard_masks(probs, space, cfg), space=space, config=cfg,
             history=state["history"], nan_samples=state["nan_samples"], seconds=time.perf_counter() - start,

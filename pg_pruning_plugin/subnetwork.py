@@ -71,6 +71,7 @@ def _kept(mask: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterator[nn.Module]:
     """Run ``model`` as the sub-network that ``masks`` (exactly one 0/1 sample) keeps."""
+    masks = masks.folded(space)
     if masks.num_samples != 1:
         raise ValueError(f"subnetwork runs one mask sample per forward, got {masks.num_samples}")
     for name, m in (("attn", masks.attn), ("mlp", masks.mlp)):

@@ -171,3 +171,10 @@ def test_uniform_widths_the_config_rejects_still_save_and_load(tmp_path):
     ids = _blocks(1)
     with torch.no_grad():
         torch.testing.assert_close(load_pruned(tmp_path / "out")(ids).logits, model(ids).logits)
+
+
+def test_search_state_directory_is_created(llama, tmp_path):
+    state = tmp_path / "not" / "yet" / "there.pt"  # e.g. runs/ in a fresh clone
+    config = SearchConfig(steps=2, batch_size=4, init_batches=1, checkpoint_every=1)
+    PolicyGradientSearch(llama, _blocks(), config, checkpoint_path=state).run(progress=False)
+    assert state.exists()

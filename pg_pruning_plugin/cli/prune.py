@@ -17,12 +17,13 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from ..architectures import SearchSpace, architecture_of
+from ..budget import GRANULARITIES, budget_accounting, format_accounting, unit_costs
 from ..checkpoint import check_output_dir, save_pruned
 from ..data import DEFAULT_TEXT, calibration_blocks
 from ..evaluation import perplexity
 from ..metrics import METRICS
 from ..models import DEFAULT_MODEL, load_model, resolve_model_dir
-from ..removal import prune_model
+from ..removal import kept_space, prune_model
 from ..reporting import count_parameters, layer_table, plot_curves, plot_layer_widths
 from ..policy import ESTIMATORS, INIT_MAPPINGS
 from ..search import EXECUTIONS, PolicyGradientSearch, SearchConfig
@@ -48,6 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlp-sparsity", type=float, default=None, help="fraction of MLP channels removed")
     g.add_argument("--uniform", action="store_true", help="same keep rate in every layer (stock HF checkpoint)")
     g.add_argument("--round-to", type=int, default=None, help="kept MLP widths rounded to a multiple of N")
+    g.add_argument("--granularity", choices=GRANULARITIES, default="width",
+                   help="units: width (KV groups, MLP channels), depth (whole attention/MLP blocks), or both")
+    g.add_argument("--cost", choices=("params", "flops"), default=None,
+                   help="one budget in this currency instead of separate per-type budgets: --sparsity is then the "
+                        "fraction of prunable parameters (or FLOPs/token) removed (default for depth: params)")
+    g.add_argument("--cost-seq-len", type=int, default=2048, help="context length of the FLOPs cost and report")
+    g.add_argument("--keep-params", type=_count, default=None,
+                   help="total parameters to keep, e.g. 100M or 1.2e8 (sets --cost params and --sparsity)")
     s = p.add_argument_group("search (paper defaults except --steps)")
     s.add_argument("--steps", type=int, default=100, help="optimisation steps (paper: 15000)")
     s.add_argument("--samples", type=int, default=2, help="mask samples per step, K")
@@ -73,6 +82,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out 128-token windows for the dense/pruned perplexity (0: skip)")
 
 
+def _count(text: str) -> int:
+    """``100M``, ``4.5B``, ``1.2e8`` -> an integer count."""
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(text[-1:].upper(), 1)
+    try:
+        value = float(text[:-1] if scale != 1 else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count such as 100M, 4.5B or 1.2e8") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--keep-params must be positive")
+    return int(value)
+
+
+def _sparsity_for_params(keep_params: int, total: int, prunable: int) -> float:
+    """The fraction of prunable parameters to remove so that ``keep_params`` of ``total`` remain."""
+    fixed = total - prunable
+    if not fixed < keep_params < total:
+        raise ValueError(f"--keep-params {keep_params:,} must lie between the {fixed:,} parameters that are never "
+                         f"pruned (embeddings, norms, lm_head) and the model's {total:,}")
+    return (total - keep_params) / prunable
+
+
 def _config(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(
         sparsity=args.sparsity, attn_sparsity=args.attn_sparsity, mlp_sparsity=args.mlp_sparsity,
@@ -80,7 +110,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         baseline_window=args.baseline_window, batch_size=args.batch_size, max_epochs=args.max_epochs,
         init=args.init, init_mapping=args.init_mapping, init_batches=args.init_batches,
         estimator=args.estimator, execution=args.execution, round_to=args.round_to, seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, granularity=args.granularity,
+        cost="params" if args.keep_params else args.cost, cost_seq_len=args.cost_seq_len,
     )
 
 
@@ -110,13 +141,24 @@ def run(args: argparse.Namespace) -> int:
 
     before_space = SearchSpace.from_model(model)
     params_before = count_parameters(model)
+    if args.keep_params:
+        config.sparsity = _sparsity_for_params(args.keep_params, params_before, before_space.prunable_parameters())
+        logger.info("--keep-params %s: removing %.2f%% of the prunable parameters", f"{args.keep_params:,}",
+                    100 * config.sparsity)
     dense_ppl = held_out_ppl()
 
     search = PolicyGradientSearch(model, calib, config, checkpoint_path=state_path)
     result = search.run()
     prune_model(model, result.masks)
-    after_space = SearchSpace.from_model(model)
+    after_space = kept_space(before_space, result.masks)
     params_after = count_parameters(model)
+    requested = None
+    if config.cost is not None:
+        costs = unit_costs(before_space, config.cost, config.cost_seq_len)
+        requested = (1.0 - config.sparsity) * float(costs.attn.sum() + costs.mlp.sum())
+    accounting = budget_accounting(before_space, result.masks, config.cost_seq_len,
+                                   requested_params=requested if config.cost == "params" else None,
+                                   requested_flops=requested if config.cost == "flops" else None)
     pruned_ppl = held_out_ppl()
 
     report = {
@@ -130,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             {"q_heads": s.num_attention_heads, "kv_heads": s.num_kv_groups, "mlp": s.intermediate_size}
             for s in after_space.layers
         ],
+        "budget": accounting,
         "search_seconds": result.seconds, "nan_samples": result.nan_samples,
     }
     saved = save_pruned(model, output, tokenizer, overwrite=args.overwrite, input_dir=args.model,
@@ -151,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"held-out perplexity: dense {dense_ppl.ppl:.2f} -> pruned {pruned_ppl.ppl:.2f} "
                      f"({pruned_ppl.n_windows} windows x {pruned_ppl.seq_len} tokens of {pruned_ppl.source})")
     lines += [
-        layer_table(before_space, after_space),
+        format_accounting(accounting) if config.cost is not None else layer_table(before_space, after_space),
         f"search: {config.steps} steps x {config.samples_per_step} samples in {result.seconds:.0f} s; "
         f"total wall time {time.perf_counter() - t0:.0f} s",
         f"written to {saved} (load with pg_pruning_plugin.load_pruned; plots kept_per_layer.png, search_loss.png)",
