@@ -32,6 +32,12 @@ Selection (:data:`STRUCTURES`): ``uniform`` keeps ``n − int(n·(1−r))`` unit
 of each type over all layers (the search's count), the best unit of each layer always among them.
 Note that ``uniform`` cannot hit small fractions of few units: with 3 KV groups per layer, 30 %
 removes none.
+
+Depth baselines (whole blocks; compare with ``SearchConfig(granularity="depth")``) use the block
+influence of ShortGPT (Men et al., 2024), ``1 − cos(x_in, x_out)`` across a block
+(:func:`metrics.block_influence`): :func:`block_influence_masks` removes given numbers of attention and
+MLP blocks with the lowest influence; :func:`layer_influence_masks` removes whole decoder layers
+(ShortGPT itself).
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .architectures import SearchSpace, decoder_layers
-from .metrics import UnitScores, _InputStats, compute_metric
+from .metrics import BlockInfluence, UnitScores, _InputStats, compute_metric
 from .policy import top_k_mask
 
 __all__ = [
@@ -57,6 +63,8 @@ __all__ = [
     "FlapStatistics",
     "apply_biases",
     "baseline_masks",
+    "block_influence_masks",
+    "layer_influence_masks",
     "flap_biases",
     "flap_scores",
     "flap_statistics",
@@ -394,3 +402,31 @@ def baseline_masks(
     if method.startswith("flap"):
         biases = flap_biases(model, cache["flap"], masks)
     return Baseline(method, masks, scores, structure, biases)
+
+
+# ------------------------------------------------------------------------------------------------ depth
+
+def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
+    """0/1 keep mask over ``values`` removing the ``count`` lowest."""
+    keep = torch.ones(values.numel())
+    keep[torch.argsort(values, stable=True)[:count]] = 0.0
+    return keep
+
+
+def block_influence_masks(influence: BlockInfluence, space: SearchSpace, removed_attn: int,
+                          removed_mlp: int) -> UnitScores:
+    """Remove the ``removed_attn`` attention blocks and ``removed_mlp`` MLP blocks of lowest influence."""
+    if not (0 <= removed_attn <= space.num_layers and 0 <= removed_mlp <= space.num_layers):
+        raise ValueError(f"block counts must lie in [0, {space.num_layers}]")
+    if removed_attn == removed_mlp == space.num_layers:
+        raise ValueError("removing every block leaves no decoder layer")
+    return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units),
+                      _lowest(influence.attn, removed_attn), _lowest(influence.mlp, removed_mlp))
+
+
+def layer_influence_masks(influence: BlockInfluence, space: SearchSpace, removed_layers: int) -> UnitScores:
+    """ShortGPT: remove the ``removed_layers`` whole decoder layers of lowest influence."""
+    if not 0 <= removed_layers < space.num_layers:
+        raise ValueError(f"removed_layers must lie in [0, {space.num_layers - 1}]: one layer must stay")
+    keep = _lowest(influence.layer, removed_layers)
+    return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units), keep, keep.clone())

@@ -32,7 +32,7 @@ from .architectures import LayerShape, SearchSpace, architecture_of, decoder_lay
 from .metrics import UnitScores
 
 __all__ = ["GroupLayoutError", "RemovedAttention", "RemovedMLP", "dependency_graph", "freeze_index_mappings",
-           "kept_space", "prune_model", "update_config"]
+           "kept_space", "prune_model", "remove_blocks", "update_config"]
 
 logger = logging.getLogger(__name__)
 

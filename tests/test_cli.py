@@ -48,3 +48,48 @@ def test_resume_without_state_and_stale_state_are_refused(tmp_path, capsys):
     (tmp_path / "out.search-state.pt").write_bytes(b"x")
     assert main(["prune", "--output", str(out)]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--granularity", "depth", "--uniform"], "one global budget"),
+    (["--cost", "params", "--attn-sparsity", "0.2"], "one ratio"),
+])
+def test_bad_budget_options_are_refused(argv, message, tmp_path, capsys):
+    assert main(["prune", "--output", str(tmp_path / "out"), *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_prune_with_blocks_and_a_parameter_target(tmp_path, capsys):
+    """Tiny model, real tokenizer and text: --granularity width+depth --keep-params, report and reload."""
+    import json
+
+    import torch
+
+    from pg_pruning_plugin import load_pruned
+    from pg_pruning_plugin.models import load_tokenizer
+    from pg_pruning_plugin.reporting import count_parameters
+    from tests.tiny_models import tiny_model
+
+    tok = load_tokenizer()
+    model_dir = tmp_path / "tiny"
+    model = tiny_model(vocab_size=len(tok), num_hidden_layers=4)
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    total = count_parameters(model)
+    keep = total - 60_000  # about half of the 155,648 prunable parameters
+    argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--granularity", "width+depth",
+            "--keep-params", str(keep), "--steps", "3", "--batch-size", "2", "--init-batches", "1",
+            "--eval-windows", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "requested" in printed and "removed parameters by unit kind" in printed
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["params_after"] <= keep
+    budget = report["budget"]["prunable_params"]
+    assert budget["kept"] <= budget["requested"] and budget["requested"] == pytest.approx(budget["dense"] - 60_000)
+    reloaded = load_pruned(tmp_path / "out")
+    assert count_parameters(reloaded) == report["params_after"]
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(torch.randint(0, len(tok), (1, 8))).logits).all()
+    assert main([*argv, "--keep-params", "10", "--overwrite"]) == 2  # the last --keep-params wins
+    assert "never pruned" in capsys.readouterr().err

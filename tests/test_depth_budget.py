@@ -201,3 +201,18 @@ def test_bad_budgets_are_refused_before_the_search(llama):
         SearchConfig(granularity="depth", global_budget=False)
     with pytest.raises(ValueError, match="granularity"):
         SearchConfig(granularity="layers")
+
+
+def test_block_influence_baselines_remove_the_least_influential_blocks(llama):
+    from pg_pruning_plugin.baselines import block_influence_masks, layer_influence_masks
+    from pg_pruning_plugin.metrics import BlockInfluence
+
+    space = SearchSpace.from_model(llama)
+    influence = BlockInfluence(torch.tensor([0.3, 0.1, 0.2]), torch.tensor([0.05, 0.4, 0.3]),
+                               torch.tensor([0.5, 0.2, 0.6]))
+    masks = block_influence_masks(influence, space, removed_attn=2, removed_mlp=1)
+    assert masks.attn_blocks.tolist() == [1, 0, 0] and masks.mlp_blocks.tolist() == [0, 1, 1]
+    whole = layer_influence_masks(influence, space, 1)
+    assert whole.attn_blocks.tolist() == whole.mlp_blocks.tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="one layer must stay"):
+        layer_influence_masks(influence, space, 3)
