@@ -24,8 +24,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import pg_pruning_plugin
-from pg_pruning_plugin import ResumeError, SearchSpace, UnsupportedArchitectureError, load_pruned
+from pg_pruning_plugin import (ResumeError, SearchConfig, SearchResult, SearchSpace, UnitScores,
+                               UnsupportedArchitectureError, load_pruned, prune_model)
+from pg_pruning_plugin.budget import BudgetError
 from pg_pruning_plugin.cli import main
+from pg_pruning_plugin.cli.recipe import recipe_text
+from pg_pruning_plugin.removal import RemovedAttention, RemovedMLP
 from pg_pruning_plugin.integrations import llmcompressor as plugin
 from pg_pruning_plugin.integrations.llmcompressor import PolicyGradientPruningModifier, RecipeOrderError
 
@@ -55,6 +59,17 @@ def tiny_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "llama"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY))
+    model.save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with 4 decoder layers (room to delete whole layers)."""
+    path = tmp_path_factory.mktemp("tiny") / "llama4"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY | {"num_hidden_layers": 4}))
     model.save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return path
@@ -171,6 +186,152 @@ def test_resume_reuses_a_finished_search(tiny_dir, calib, tmp_path):
         _oneshot(tiny_dir, calib, _recipe("pg_prune.yaml", checkpoint_path=str(state), sparsity=0.5))
 
 
+# ------------------------------------------------------------------------------- blocks, cost budget
+
+# One parameter budget (no per-type sparsities). On 4 layers a depth budget of 0.7 must delete a layer:
+# keeping one block in every layer keeps at least the 4 attention blocks, a third of the parameters.
+DEPTH = {"attn_sparsity": None}
+
+
+@pytest.mark.parametrize("recipe, overrides", [
+    ("pg_prune_depth.yaml", {}),  # width+depth, params, sparsity 0.3
+    ("pg_prune_depth.yaml", {"granularity": "depth", "sparsity": 0.7}),
+    ("pg_prune_depth.yaml", {"granularity": "width+depth", "cost": "flops", "cost_seq_len": 64, "sparsity": 0.6}),
+    ("pg_prune_gptq_w4a16.yaml", {"granularity": "width+depth", "sparsity": 0.6, "global_budget": True}),
+], ids=["width+depth", "depth", "flops", "gptq-w4a16"])
+def test_block_recipe_prunes_saves_and_reloads(deep_dir, calib, tmp_path, recipe, overrides):
+    out = tmp_path / "out"
+    text = _recipe(recipe, **DEPTH | overrides)
+    quantized = recipe != "pg_prune_depth.yaml"
+    if quantized:  # saving compresses the in-memory weights: take the logits first
+        model = _oneshot(deep_dir, calib, text)
+        with torch.no_grad():
+            expected = model(PROBE).logits
+        model.save_pretrained(out, save_compressed=True)
+    else:  # oneshot's own save (output_dir), as pg-prune recipe uses it
+        model = _oneshot(deep_dir, calib, text, output_dir=str(out))
+        with torch.no_grad():
+            expected = model(PROBE).logits
+    report = json.loads((out / plugin.REPORT_FILE).read_text())
+    config = PolicyGradientPruningModifier(
+        **yaml.safe_load(text)["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]).search_config()
+    requested_kept = (1 - config.sparsity) * report["cost_budget"]["dense"]
+    assert report["cost_budget"]["requested_kept"] == pytest.approx(requested_kept)
+    if not quantized:  # no rounding: the final mask never exceeds the budget
+        assert report["cost_budget"]["kept"] <= requested_kept + 1e-6
+    assert report["summary"].startswith(f"cost budget ({config.cost}, granularity {config.granularity})")
+    accounting = report["accounting"]
+    assert set(accounting["removed_by"]) == {"blocks", "kv_groups", "channels"}
+    assert accounting["seq_len_for_flops"] == config.cost_seq_len
+    kept = accounting["prunable_params" if config.cost == "params" else "flops_per_token"]
+    assert kept["requested"] == pytest.approx(requested_kept) and kept["kept"] == pytest.approx(
+        report["cost_budget"]["kept"])
+
+    # report rows cover the 4 original layers; the model keeps the ones with a block left
+    rows = report["kept_per_layer"]
+    deleted = report["removed_blocks"]["deleted_layers"]
+    assert len(rows) == 4 and deleted == [i for i, r in enumerate(rows) if r["kv_heads"] == r["mlp"] == 0]
+    survivors = [r for i, r in enumerate(rows) if i not in deleted]
+    layers = model.model.layers
+    assert len(layers) == len(survivors) == model.config.num_hidden_layers
+    for layer, row in zip(layers, survivors):
+        assert isinstance(layer.self_attn, RemovedAttention) == (row["kv_heads"] == 0)
+        assert isinstance(layer.mlp, RemovedMLP) == (row["mlp"] == 0)
+        if row["kv_heads"]:
+            assert layer.self_attn.o_proj.in_features == row["q_heads"] * 32
+            assert not quantized or layer.self_attn.o_proj.in_features % 128 == 0
+        if row["mlp"]:
+            assert layer.mlp.down_proj.in_features == row["mlp"]
+            assert not quantized or row["mlp"] % 128 == 0
+            assert hasattr(layer.mlp.down_proj, "quantization_scheme") == quantized
+    for name, module in model.named_modules():  # stand-ins carry no weights and nothing quantized
+        if isinstance(module, (RemovedAttention, RemovedMLP)):
+            assert not list(module.parameters()) and not hasattr(module, "quantization_scheme"), name
+    if overrides.get("granularity") == "depth":
+        assert deleted and all(r["mlp"] in (0, 512) and r["kv_heads"] in (0, 4) for r in rows)
+
+    saved = json.loads((out / "config.json").read_text())  # oneshot saved through the patched save_pretrained
+    assert saved["num_hidden_layers"] == len(layers) and len(saved["pruned_layers"]) == len(layers)
+    assert ("quantization_config" in saved) == quantized
+    reloaded = load_pruned(out)
+    assert len(reloaded.model.layers) == len(layers)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(PROBE).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_quantizable_masks_keep_blocks_and_skip_removed_widths(deep_dir):
+    """Rounding for group sizes keeps block masks and leaves the widths of removed blocks alone."""
+    model = AutoModelForCausalLM.from_pretrained(deep_dir)
+    space = SearchSpace.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    probs = UnitScores(torch.rand(space.num_attn_units, generator=g), torch.rand(space.num_mlp_units, generator=g),
+                       torch.tensor([1.0, 0.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    masks = UnitScores((probs.attn > 0.5).float(), (probs.mlp > 0.5).float(), probs.attn_blocks.clone(),
+                       probs.mlp_blocks.clone())
+    masks.attn[space.attn_slice(1)] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # removed block: left as it is
+    result = SearchResult(probs=probs, masks=masks, space=space, config=SearchConfig(granularity="depth"))
+    rounded = plugin.quantizable_masks(result, attn_multiple=2, mlp_multiple=128)
+    assert torch.equal(rounded.attn_blocks, masks.attn_blocks) and torch.equal(rounded.mlp_blocks, masks.mlp_blocks)
+    assert rounded.attn[space.attn_slice(1)].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert torch.equal(rounded.mlp[space.mlp_slice(2)], masks.mlp[space.mlp_slice(2)])
+    for i in (0, 2, 3):
+        assert int(rounded.attn[space.attn_slice(i)].sum()) % 2 == 0
+    for i in (0, 1, 3):
+        assert int(rounded.mlp[space.mlp_slice(i)].sum()) % 128 == 0
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"granularity": "layers"}, r"granularity='layers'; choose one of width, depth, width\+depth"),
+    ({"cost": "memory"}, r"cost='memory'; choose one of params, flops, custom"),
+    ({"cost": "custom"}, "custom costs need exactly the keys 'attn'"),
+    ({"cost": "custom", "custom_costs": {"attn": 0, "mlp": 1}}, "attn unit is 0.0; every unit type needs a positive"),
+    ({"cost": "custom", "custom_costs": {"attn": 1, "mlp": -2}}, "mlp unit is -2.0; every unit type needs a positive"),
+    ({"cost": "custom", "custom_costs": {"attn": 1, "mlp": "cheap"}}, r"custom_costs\.mlp"),
+    ({"cost": "params", "custom_costs": {"attn": 1, "mlp": 1}}, "custom_costs is only read with cost: custom"),
+    ({"cost": "flops", "cost_seq_len": 0}, "cost_seq_len must be a positive"),
+    ({"granularity": "depth", "attn_sparsity": 0.5}, "one cost budget has one ratio"),
+    ({"granularity": "width+depth", "global_budget": False}, "a cost budget is one global budget"),
+])
+def test_block_and_cost_fields_are_validated_when_the_recipe_is_parsed(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        PolicyGradientPruningModifier(**fields)
+    text = yaml.safe_load((RECIPES / "pg_prune_depth.yaml").read_text())
+    text["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"].update(fields)
+    with pytest.raises(ValidationError, match=message):
+        Recipe.create_instance(yaml.safe_dump(text))
+
+
+def test_valid_block_and_cost_fields():
+    config = PolicyGradientPruningModifier(cost="custom", custom_costs={"attn": 2, "mlp": 0.5}).search_config()
+    assert config.cost == "custom" and config.custom_costs == {"attn": 2.0, "mlp": 0.5}
+    assert PolicyGradientPruningModifier(granularity="depth").search_config().cost == "params"  # depth default
+    (modifier,) = Recipe.create_instance((RECIPES / "pg_prune_depth.yaml").read_text()).modifiers
+    assert (modifier.granularity, modifier.cost, modifier.cost_seq_len) == ("width+depth", "params", 2048)
+
+
+def test_unreachable_budget_fails_before_the_search(tiny_dir, calib, monkeypatch):
+    monkeypatch.setattr(plugin, "PolicyGradientSearch", _no_search)
+    # 2 layers: at least one attention block (1/6 of the parameters) must stay
+    with pytest.raises(BudgetError, match=r"reachable: sparsity in \(0, 0\.8333\]"):
+        _oneshot(tiny_dir, calib, _recipe("pg_prune_depth.yaml", granularity="depth", sparsity=0.9, **DEPTH))
+    with pytest.raises(_SearchStarted):
+        _oneshot(tiny_dir, calib, _recipe("pg_prune_depth.yaml", granularity="depth", sparsity=0.8, **DEPTH))
+
+
+def test_write_pruned_config_restores_layer_count(deep_dir, tmp_path):
+    """llmcompressor saves the original config.json: the layer count and per-layer widths are written back."""
+    model = AutoModelForCausalLM.from_pretrained(deep_dir)
+    space = SearchSpace.from_model(model)
+    masks = UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units),
+                       torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 1.0, 1.0]))
+    prune_model(model, masks)
+    (tmp_path / "config.json").write_text((deep_dir / "config.json").read_text())
+    plugin.write_pruned_config(model, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 3
+    assert [w["num_key_value_heads"] for w in saved["pruned_layers"]] == [4, 0, 4]
+
+
 # ---------------------------------------------------------------------------------------- bad input
 
 def test_registered_by_importing_the_package():
@@ -283,3 +444,31 @@ def test_cli_runs_a_recipe_file(tiny_dir, tmp_path, monkeypatch):
     assert main(args[:-6] + ["--output", str(tiny_dir / "sub")]) == 2  # never inside the model directory
     assert not (tiny_dir / "sub").exists()
     assert main(args + ["--set", "sparsty=0.3", "--overwrite"]) == 2  # unknown field: refused before loading
+
+
+def test_cli_set_accepts_block_and_cost_fields(tmp_path):
+    text, prunes = recipe_text(RECIPES / "pg_prune_depth.yaml", [
+        "granularity=depth", "cost=custom", "custom_costs={attn: 2, mlp: 0.5}", "cost_seq_len=512", "sparsity=0.4"])
+    fields = yaml.safe_load(text)["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]
+    assert prunes and fields["granularity"] == "depth" and fields["custom_costs"] == {"attn": 2, "mlp": 0.5}
+    assert fields["cost"] == "custom" and fields["cost_seq_len"] == 512
+    text, _ = recipe_text(RECIPES / "pg_prune.yaml", ["cost=none", "granularity=width"])
+    assert yaml.safe_load(text)["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]["cost"] is None
+    with pytest.raises(ValidationError, match="positive cost"):
+        recipe_text(RECIPES / "pg_prune_depth.yaml", ["cost=custom", "custom_costs={attn: 0, mlp: 1}"])
+    with pytest.raises(ValidationError, match="granularity='deep'"):
+        recipe_text(RECIPES / "pg_prune_depth.yaml", ["granularity=deep"])
+
+
+def test_cli_refuses_an_unreachable_budget_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    import pg_pruning_plugin.cli.recipe as cli_recipe
+
+    def no_tokenizer(*args, **kwargs):
+        raise AssertionError("the tokenizer (and model) should not be loaded")
+
+    monkeypatch.setattr(cli_recipe, "load_tokenizer", no_tokenizer)
+    out = tmp_path / "out"
+    code = main(["recipe", str(RECIPES / "pg_prune_depth.yaml"), "--model", str(tiny_dir), "--output", str(out),
+                 "--set", "granularity=depth", "--set", "sparsity=0.9"])
+    assert code == 2 and not out.exists()
+    assert "reachable: sparsity in (0, 0.8333]" in capsys.readouterr().err

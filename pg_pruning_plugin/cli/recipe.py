@@ -4,7 +4,8 @@ A thin layer over ``llmcompressor.oneshot``: the calibration set is ``--num-samp
 ``--seq-len`` tokens from the calib split of ``--text`` (``datasets.Dataset`` of input_ids and
 attention_mask, in a fixed order), the model is the directory ``resolve_model_dir`` gives (the
 embedded SmolLM2 default is a cached copy of its GGUF file), and the compressed-tensors output is
-written to a temporary directory and renamed to ``--output``.
+written to a temporary directory and renamed to ``--output``. The recipe's fields, the
+architecture and any cost budget (``granularity``/``cost`` fields) are checked before weights load.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..architectures import architecture_of
+from ..architectures import SearchSpace, architecture_of
 from ..checkpoint import atomic_directory, check_output_dir
 from ..data import DEFAULT_TEXT, calibration_blocks
 from ..models import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
@@ -45,7 +46,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dtype the model is loaded in (auto: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="which calibration blocks are drawn")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
-                   help=f"override a {MODIFIER} field of the recipe, e.g. --set steps=40 (repeatable)")
+                   help=f"override a {MODIFIER} field of the recipe, e.g. --set steps=40, --set granularity=depth, "
+                        "--set cost=flops, --set 'custom_costs={attn: 1, mlp: 0.01}', --set cost=none (repeatable; "
+                        "VALUE is read as YAML)")
 
 
 def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, bool]:
@@ -72,7 +75,7 @@ def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, boo
         if not sep or not field:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         for args in targets:
-            args[field.strip()] = yaml.safe_load(value)
+            args[field.strip()] = override_value(value)
     text = yaml.safe_dump(recipe, sort_keys=False)
     if not Recipe.create_instance(text).modifiers:
         raise ValueError(
@@ -80,6 +83,33 @@ def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, boo
             "`<name>_stage: <group>_modifiers: <ModifierType>: {...}`"
         )
     return text, bool(targets)
+
+
+def override_value(text: str):
+    """A ``--set`` value read as YAML; ``none``/``None`` mean null as ``null`` and ``~`` do (e.g. ``cost=none``)."""
+    return None if text.strip() in ("none", "None") else yaml.safe_load(text)
+
+
+def check_budgets(model_dir: str | os.PathLike, text: str) -> None:
+    """Refuse an unreachable cost budget of any pruning modifier in ``text`` from the model's config alone.
+
+    The layer shapes come from a weightless (meta-device) model, so nothing is loaded; the modifier
+    checks again on the real model with the recipe's group-size rounding.
+    """
+    from llmcompressor.recipe import Recipe
+
+    from ..integrations.llmcompressor import PolicyGradientPruningModifier
+    from ..search import cost_budget
+
+    configs = [m.search_config() for m in Recipe.create_instance(text).modifiers
+               if isinstance(m, PolicyGradientPruningModifier)]
+    configs = [c for c in configs if c.cost is not None]
+    if not configs:
+        return
+    with torch.device("meta"):
+        space = SearchSpace.from_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
+    for config in configs:
+        cost_budget(space, config)  # BudgetError names the reachable range
 
 
 def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, seed: int):
@@ -97,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
     output = check_output_dir(args.output, args.overwrite, input_dir=args.model)
     model_dir = resolve_model_dir(args.model)
     check_output_dir(output, args.overwrite, input_dir=model_dir)
-    if prunes:  # unsupported models fail on their config, before any weight is loaded
+    if prunes:  # unsupported models and unreachable budgets fail on the config, before any weight is loaded
         architecture_of(AutoConfig.from_pretrained(model_dir))
+        check_budgets(model_dir, text)
     tokenizer = load_tokenizer(model_dir)
     dataset = calibration_dataset(tokenizer, args.text, args.num_samples, args.seq_len, args.seed)
 

@@ -12,13 +12,14 @@ What happens, in the order llmcompressor 0.14 calls it (llmcompressor.md §2, §
 * ``on_initialize`` (before any quantization modifier initialises): the calibration batches of
   ``oneshot`` are cached once and re-batched into search blocks, the search runs with full-model
   forward passes under ``torch.no_grad()`` (:class:`~pg_pruning_plugin.search.PolicyGradientSearch`),
-  and the chosen KV groups and MLP channels are removed with
-  :func:`~pg_pruning_plugin.removal.prune_model`. The later quantization modifiers then see the
-  smaller Linears. Kept widths are rounded so that every group quantization of the recipe divides
-  them; an impossible group size fails before the search.
+  and the chosen KV groups, MLP channels and (``granularity`` depth or width+depth) whole attention
+  and MLP blocks are removed with :func:`~pg_pruning_plugin.removal.prune_model`; a decoder layer
+  that loses both blocks is deleted. The later quantization modifiers then see the smaller model.
+  Kept widths are rounded so that every group quantization of the recipe divides them; an
+  impossible group size or an unreachable cost budget fails before the search.
 * ``on_finalize``: ``model.save_pretrained`` is wrapped once more so that the saved ``config.json``
-  records the pruned widths (llmcompressor rewrites it from the original checkpoint) and a
-  ``pg_pruning_report.json`` is written next to it.
+  records the pruned widths and layer count (llmcompressor rewrites it from the original
+  checkpoint) and a ``pg_pruning_report.json`` is written next to it.
 """
 
 from __future__ import annotations
@@ -42,15 +43,19 @@ from llmcompressor.modifiers.quantization.quantization.mixin import Quantization
 from pydantic import Field, PrivateAttr, create_model, model_validator
 
 from ..architectures import SearchSpace, architecture_of, decoder_layers
+from ..budget import budget_accounting, expected_cost, format_accounting
 from ..metrics import UnitScores
-from ..removal import prune_model
-from ..search import PolicyGradientSearch, SearchConfig, SearchResult
+from ..removal import kept_space, prune_model
+from ..search import PolicyGradientSearch, SearchConfig, SearchResult, cost_budget
 
 __all__ = ["PolicyGradientPruningModifier", "RecipeOrderError", "quantizable_masks", "search_batches", "write_pruned_config"]
 
 logger = logging.getLogger(__name__)
 
-PRUNED_CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "pruned_layers")
+# Config keys pruning changes; llmcompressor 0.14 saves config.json from the original checkpoint, so they are
+# written back after every save (num_hidden_layers and layer_types shrink when whole layers are deleted).
+PRUNED_CONFIG_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "head_dim", "pruned_layers",
+                      "num_hidden_layers", "layer_types")
 REPORT_FILE = "pg_pruning_report.json"
 _GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
 
@@ -71,7 +76,10 @@ class _PolicyGradientPruningBase(Modifier):
 
     @model_validator(mode="after")
     def _valid_search_config(self):
-        self.search_config()  # SearchConfig's own range and name checks, at recipe-parse time
+        config = self.search_config()  # SearchConfig's own range and name checks, at recipe-parse time
+        if self.custom_costs is not None and config.cost != "custom":
+            raise ValueError(f"custom_costs is only read with cost: custom (cost is {config.cost!r}); "
+                             f"set cost: custom or remove custom_costs")
         return self
 
     def search_config(self, round_to: int | None = None) -> SearchConfig:
@@ -102,6 +110,8 @@ class _PolicyGradientPruningBase(Modifier):
         space = SearchSpace.from_model(model)
         attn_multiple, mlp_multiple, group_sizes = self._width_multiples(model, space)
         config = self.search_config(round_to=mlp_multiple if mlp_multiple > 1 else None)
+        if config.cost is not None:
+            cost_budget(space, config)  # BudgetError with the reachable range, before any data is read
         batches = search_batches(state.data.calib, config.batch_size, self.seq_len)
         logger.info("policy-gradient search on %d cached batches of %s tokens", len(batches),
                     tuple(batches[0]["input_ids"].shape))
@@ -111,8 +121,9 @@ class _PolicyGradientPruningBase(Modifier):
             masks = quantizable_masks(result, attn_multiple, mlp_multiple)
             prune_model(model, masks)
         self._result = result
-        self._report = _budget_report(space, SearchSpace.from_model(model), config, result, group_sizes)
+        self._report = _budget_report(space, masks, config, result, group_sizes)
         logger.info("%s", self._report["summary"])
+        logger.info("%s", format_accounting(self._report["accounting"]))
         return True
 
     def on_finalize(self, state: State, **kwargs) -> bool:
@@ -248,16 +259,24 @@ def quantizable_masks(result: SearchResult, attn_multiple: int, mlp_multiple: in
     """``result.masks`` with every layer's kept count rounded to a multiple (KV groups / MLP channels).
 
     Each count goes to the nearest multiple that is at least one multiple and at most the layer width:
-    the most probable dropped units are added, or the least probable kept units removed.
+    the most probable dropped units are added, or the least probable kept units removed. Block masks
+    (depth granularity) are kept as they are, and the widths of removed blocks are not rounded.
     """
-    space, probs = result.space, result.probs
-    return UnitScores(_round_kept(result.masks.attn, probs.attn, space.attn_offsets, attn_multiple),
-                      _round_kept(result.masks.mlp, probs.mlp, space.mlp_offsets, mlp_multiple))
+    space, probs, masks = result.space, result.probs, result.masks
+    attn_kept = masks.attn_blocks.bool().tolist() if masks.has_blocks else None
+    mlp_kept = masks.mlp_blocks.bool().tolist() if masks.has_blocks else None
+    return UnitScores(_round_kept(masks.attn, probs.attn, space.attn_offsets, attn_multiple, attn_kept),
+                      _round_kept(masks.mlp, probs.mlp, space.mlp_offsets, mlp_multiple, mlp_kept),
+                      None if masks.attn_blocks is None else masks.attn_blocks.clone(),
+                      None if masks.mlp_blocks is None else masks.mlp_blocks.clone())
 
 
-def _round_kept(mask: torch.Tensor, probs: torch.Tensor, offsets: list[int], multiple: int) -> torch.Tensor:
+def _round_kept(mask: torch.Tensor, probs: torch.Tensor, offsets: list[int], multiple: int,
+                blocks_kept: list[bool] | None = None) -> torch.Tensor:
     mask = mask.clone()
-    for a, b in zip(offsets[:-1], offsets[1:]):
+    for layer, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        if blocks_kept is not None and not blocks_kept[layer]:
+            continue  # the whole block goes: its width is never built
         kept = int(mask[a:b].sum())
         target = min((b - a) // multiple * multiple, max(multiple, math.floor(kept / multiple + 0.5) * multiple))
         order = torch.argsort(probs[a:b] + 2 * mask[a:b], descending=True)  # kept units first, by probability
@@ -266,31 +285,80 @@ def _round_kept(mask: torch.Tensor, probs: torch.Tensor, offsets: list[int], mul
     return mask
 
 
-def _budget_report(before: SearchSpace, after: SearchSpace, config: SearchConfig, result: SearchResult,
+def _budget_report(before: SearchSpace, masks: UnitScores, config: SearchConfig, result: SearchResult,
                    group_sizes: dict[str, int]) -> dict:
+    """Requested vs achieved budgets of the final ``masks`` on the unpruned space ``before``.
+
+    Per-layer entries cover every layer of ``before``; a removed block has 0 heads or 0 channels, a
+    deleted decoder layer both.
+    """
+    after = kept_space(before, masks)
     attn_removed = 1 - after.num_attn_units / before.num_attn_units
     mlp_removed = 1 - after.num_mlp_units / before.num_mlp_units
     params_removed = 1 - after.prunable_parameters() / before.prunable_parameters()
+    removed_attn = [i for i, s in enumerate(after.layers) if s.num_kv_groups == 0]
+    removed_mlp = [i for i, s in enumerate(after.layers) if s.intermediate_size == 0]
+    deleted = sorted(set(removed_attn) & set(removed_mlp))
     sizes = sorted(set(group_sizes.values()))
-    summary = (
-        f"pruned KV groups {100 * attn_removed:.1f}% (requested {100 * (1 - config.attn_keep):.1f}%), "
-        f"MLP channels {100 * mlp_removed:.1f}% (requested {100 * (1 - config.mlp_keep):.1f}%), "
-        f"prunable parameters {100 * params_removed:.1f}%"
-        + (f"; widths rounded for group size {sizes}" if sizes else "")
-        + (f"; MLP widths multiples of {config.round_to}" if config.round_to else "")
+
+    cost = None
+    requested = {"granularity": config.granularity, "cost": config.cost}
+    if config.cost is None:  # the paper's separate budgets
+        requested |= {"attn_sparsity": 1 - config.attn_keep, "mlp_sparsity": 1 - config.mlp_keep}
+    else:
+        costs, budget = cost_budget(before, config)
+        dense = float(costs.attn.sum() + costs.mlp.sum())
+        kept = expected_cost(masks, costs, before)  # exact kept cost of 0/1 masks
+        cost = {"cost": config.cost, "dense": dense, "requested_kept": budget, "kept": kept,
+                "requested_sparsity": config.sparsity, "effective_sparsity": 1 - kept / dense}
+        requested |= {"cost_sparsity": config.sparsity}
+    accounting = budget_accounting(
+        before, masks, config.cost_seq_len,
+        requested_params=cost["requested_kept"] if config.cost == "params" else None,
+        requested_flops=cost["requested_kept"] if config.cost == "flops" else None,
     )
+    flops = accounting["flops_per_token"]
+    flops_removed = 1 - flops["kept"] / flops["dense"]
+
+    widths = (f"KV groups {100 * attn_removed:.1f}%, MLP channels {100 * mlp_removed:.1f}%, prunable parameters "
+              f"{100 * params_removed:.1f}%, FLOPs/token at {config.cost_seq_len} tokens {100 * flops_removed:.1f}%")
+    if cost is None:
+        summary = (
+            f"pruned KV groups {100 * attn_removed:.1f}% (requested {100 * (1 - config.attn_keep):.1f}%), "
+            f"MLP channels {100 * mlp_removed:.1f}% (requested {100 * (1 - config.mlp_keep):.1f}%), "
+            f"prunable parameters {100 * params_removed:.1f}%"
+        )
+    else:
+        unit = {"params": "prunable parameters", "flops": f"prunable FLOPs/token at {config.cost_seq_len} tokens",
+                "custom": "custom cost"}[config.cost]
+        summary = (
+            f"cost budget ({config.cost}, granularity {config.granularity}): removed "
+            f"{100 * cost['effective_sparsity']:.1f}% of the {unit} (requested {100 * config.sparsity:.1f}%); "
+            f"removed {_count(len(removed_attn), 'attention block')}, {_count(len(removed_mlp), 'MLP block')} "
+            f"({_count(len(deleted), 'decoder layer')} deleted); removed in total: {widths}"
+        )
+    summary += (f"; widths rounded for group size {sizes}" if sizes else "") + (
+        f"; MLP widths multiples of {config.round_to}" if config.round_to else "")
     return {
         "summary": summary,
-        "requested": {"attn_sparsity": 1 - config.attn_keep, "mlp_sparsity": 1 - config.mlp_keep},
+        "requested": requested,
         "effective": {"attn_sparsity": attn_removed, "mlp_sparsity": mlp_removed,
-                      "prunable_parameter_sparsity": params_removed},
+                      "prunable_parameter_sparsity": params_removed, "flops_sparsity": flops_removed}
+                     | ({"cost_sparsity": cost["effective_sparsity"]} if cost else {}),
+        "cost_budget": cost,
+        "removed_blocks": {"attn": removed_attn, "mlp": removed_mlp, "deleted_layers": deleted},
         "group_sizes": sizes, "round_to": config.round_to,
         "kept_per_layer": [{"q_heads": s.num_attention_heads, "kv_heads": s.num_kv_groups, "mlp": s.intermediate_size}
                            for s in after.layers],
+        "accounting": accounting,
         "steps": config.steps, "samples_per_step": config.samples_per_step,
         "search_seconds": result.seconds, "nan_samples": result.nan_samples,
         "final_loss": result.history["loss"][-1] if result.history.get("loss") else None,
     }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _patch_save_pretrained(model: nn.Module, report: dict) -> None:
@@ -332,7 +400,7 @@ PolicyGradientPruningModifier = create_model(
     "PolicyGradientPruningModifier",
     __base__=_PolicyGradientPruningBase,
     __module__=__name__,
-    __doc__="""Learn which KV groups and MLP channels to remove, then remove them, inside ``oneshot``.
+    __doc__="""Learn which KV groups, MLP channels and blocks to remove, then remove them, inside ``oneshot``.
 
     Fields: every :class:`~pg_pruning_plugin.search.SearchConfig` field (same name, type, default and
     checks; sparsities are fractions *removed*), plus
@@ -346,6 +414,11 @@ PolicyGradientPruningModifier = create_model(
     ``round_to`` rounds kept MLP widths; it is combined automatically with the group size of any
     group-quantization scheme later in the recipe, and kept KV groups are rounded so that
     ``o_proj``'s input width is divisible too.
+
+    ``granularity`` (width | depth | width+depth) adds whole attention and MLP blocks as units;
+    ``cost`` (params | flops | custom, with ``cost_seq_len`` and ``custom_costs``) makes
+    ``sparsity`` one budget over all units (depth defaults to params). A budget that no mask can
+    meet raises :class:`~pg_pruning_plugin.budget.BudgetError` with the reachable range before the search.
     """,
     **_search_fields(),
 )
