@@ -29,7 +29,7 @@ from ..policy import ESTIMATORS, INIT_MAPPINGS
 from ..search import EXECUTIONS, PolicyGradientSearch, SearchConfig
 
 NAME = "prune"
-HELP = "learn which KV groups and MLP channels to remove with the policy-gradient search, then remove them"
+HELP = "learn which KV groups, MLP channels (and whole blocks) to remove with the policy-gradient search, then remove them"
 
 logger = logging.getLogger(__name__)
 
