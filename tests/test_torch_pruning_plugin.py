@@ -2,6 +2,9 @@
 
 A tiny random Llama with 12 query / 4 KV heads (n_rep 3) and 3 layers. Every pruned model is
 checked against the masked original (torch_pruning.md §5), so a wrong coupling cannot pass.
+Results that remove whole blocks under one cost budget (depth granularities) run on the tiny Llama
+GQA and Gemma 3 models of tests/tiny_models.py: the pruned model must keep exactly the search's
+masks, generate with the KV cache like the masked original, and round-trip through save/load.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch_pruning as tp
 from transformers import LlamaForCausalLM
 
 from pg_pruning_plugin.architectures import SearchSpace
+from pg_pruning_plugin.budget import unit_costs
+from pg_pruning_plugin.checkpoint import load_pruned, save_pruned
 from pg_pruning_plugin.integrations.torch_pruning import (
     GroupLayoutError,
     PolicyGradientImportance,
@@ -26,8 +31,9 @@ from pg_pruning_plugin.integrations.torch_pruning import (
     tracing_mode,
 )
 from pg_pruning_plugin.masking import UnitMasks, masked
-from pg_pruning_plugin.removal import dependency_graph, prune_model
-from pg_pruning_plugin.search import PolicyGradientSearch, SearchConfig
+from pg_pruning_plugin.metrics import UnitScores
+from pg_pruning_plugin.removal import RemovedAttention, RemovedMLP, dependency_graph, prune_model
+from pg_pruning_plugin.search import PolicyGradientSearch, SearchConfig, SearchResult, hard_masks
 from tests.test_architectures_matrix import synthetic_result
 from tests.tiny_models import tiny_model
 
@@ -137,12 +143,13 @@ def test_stock_base_pruner(base, case):
 
 
 # -- build_pruner --------------------------------------------------------------------------------
-def test_global_selection_matches_core_engine(base):
-    # seed 3: the global top-k leaves every layer a KV group, so the core adds none on top of the
-    # budget (where it must, the plugin stays within budget and removes the next-lowest unit instead)
-    result = synthetic_result(base, True, seed=3)
+@pytest.mark.parametrize("seed", [1, 3])
+def test_global_selection_matches_core_engine(base, seed):
+    # seed 1: the plain global top-k would leave a layer without a KV group; both the core's hard_masks
+    # and the plugin reserve each layer's best group inside the budget. seed 3: it would not.
+    result = synthetic_result(base, True, seed=seed)
     space = result.space
-    assert result.masks.attn.sum() == 12 - 6 and result.masks.mlp.sum() == 288 - int(288 * 0.3)  # no top-up
+    assert result.masks.attn.sum() == 12 - 6 and result.masks.mlp.sum() == 288 - int(288 * 0.3)  # exact budget
     plugin, core = copy.deepcopy(base), copy.deepcopy(base)
     importance = PolicyGradientImportance(result, plugin)
     build_pruner(plugin, importance).step()
@@ -272,15 +279,209 @@ def test_budget_that_would_empty_a_layer_is_refused(base):
         build_pruner(mha, PolicyGradientImportance(synthetic_result(mha, False), mha), attn_ratio=0.25)
 
 
+# -- depth (whole blocks) and cost-budget results ------------------------------------------------
+# Tiny models with 3 layers, 8 query / 2 KV heads, 96 channels (tests/tiny_models.py).
+BLOCK_ARCHS = {"llama-gqa": ("llama", {}), "gemma3_text": ("gemma3_text", {"head_dim": 32, "sliding_window": 4})}
+PLANNED = [(0, "mlp"), (1, "attn"), (1, "mlp")]  # layer 1 loses both blocks and disappears
+
+
+def block_result(model, granularity: str, cost: str = "params", seed: int = 0) -> SearchResult:
+    """A cost-budget result whose hard masks (search.hard_masks) remove the PLANNED blocks and, when
+    widths are searched too, some KV groups and channels of the kept blocks."""
+    space = SearchSpace.from_model(model)
+    g = torch.Generator().manual_seed(seed)
+    widths = granularity != "depth"
+
+    def width_probs(n: int) -> torch.Tensor:  # below every kept block's probability
+        return 0.2 + 0.6 * torch.rand(n, generator=g) if widths else torch.ones(n)
+
+    probs = UnitScores(width_probs(space.num_attn_units), width_probs(space.num_mlp_units),
+                       torch.tensor([0.9, 0.05, 0.97]), torch.tensor([0.08, 0.04, 0.95]))
+    costs = unit_costs(space, cost, seq_len=128)
+
+    def block(kind: str, layer: int) -> float:
+        units = costs.attn[space.attn_slice(layer)] if kind == "attn" else costs.mlp[space.mlp_slice(layer)]
+        return float(units.sum())
+
+    total = float(costs.attn.sum() + costs.mlp.sum())
+    planned = sum(block(kind, layer) for layer, kind in PLANNED)
+    extra = 0.25 * (block("attn", 2) + block("mlp", 2)) if widths else -1.0  # depth: exactly the planned blocks
+    config = SearchConfig(sparsity=(planned + extra) / total, granularity=granularity, cost=cost, cost_seq_len=128,
+                          steps=1, init="constant")
+    return SearchResult(probs, hard_masks(probs, space, config), space, config)
+
+
+def assert_same_masks(importance: PolicyGradientImportance, masks: UnitScores) -> None:
+    """The model keeps exactly what ``masks`` keep (units of removed blocks do not matter)."""
+    space, kept = importance.space, importance.kept_masks()
+    assert torch.equal(kept.attn_blocks, masks.attn_blocks) and torch.equal(kept.mlp_blocks, masks.mlp_blocks)
+    ours, theirs = UnitMasks(**kept.as_dict()).folded(space), UnitMasks(**masks.as_dict()).folded(space)
+    assert torch.equal(ours.attn, theirs.attn) and torch.equal(ours.mlp, theirs.mlp)
+
+
+def greedy(model, ids=IDS[:1, :5]) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=8, do_sample=False)
+
+
+@pytest.mark.parametrize("granularity,cost", [("width+depth", "params"), ("width+depth", "flops"), ("depth", "params")])
+@pytest.mark.parametrize("arch", BLOCK_ARCHS)
+def test_block_result_reproduces_the_search_masks(arch, granularity, cost, tmp_path):
+    model_type, overrides = BLOCK_ARCHS[arch]
+    original = tiny_model(model_type, **overrides)
+    model = copy.deepcopy(original)
+    result = block_result(model, granularity, cost)
+    importance = PolicyGradientImportance(result, model)
+    assert importance.removed_blocks == PLANNED
+    with torch.no_grad():
+        with masked(original, result.space, UnitMasks(**result.masks.as_dict())):
+            expected, expected_tokens = original(IDS).logits, greedy(original)
+        assert (expected - original(IDS).logits).abs().max() > 1e-3
+
+    report = build_pruner(model, importance).step()  # default ratios: those of result.masks
+
+    assert report.blocks_removed == PLANNED and not importance.blocks_pending
+    assert_same_masks(importance, result.masks)
+    if granularity == "depth":
+        assert report.kv_groups_removed == report.channels_removed == 0
+    else:
+        assert report.kv_groups_removed + report.channels_removed > 0
+    assert report.kept_per_layer[0][1] == 0 and report.kept_per_layer[1] == (0, 0)
+    layers = model.model.layers
+    assert model.config.num_hidden_layers == len(layers) == 2
+    assert isinstance(layers[0].mlp, RemovedMLP) and not isinstance(layers[0].self_attn, RemovedAttention)
+    assert not isinstance(layers[1].mlp, RemovedMLP)  # the original layer 2, renumbered
+    if getattr(original.config, "layer_types", None):
+        assert model.config.layer_types == [original.config.layer_types[i] for i in (0, 2)]
+    assert [s.num_kv_groups == 0 or s.intermediate_size == 0 for s in SearchSpace.from_model(model).layers] == \
+        [True, False]
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, expected, rtol=1e-4, atol=1e-5)
+        assert torch.equal(greedy(model), expected_tokens)  # generate() with the KV cache
+    save_pruned(model, tmp_path / "out")
+    reloaded = load_pruned(tmp_path / "out")
+    assert reloaded.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, model(IDS).logits)
+        assert torch.equal(greedy(reloaded), expected_tokens)
+
+
+def test_importance_skips_the_groups_of_removed_blocks():
+    model = tiny_model("llama")
+    importance = PolicyGradientImportance(block_result(model, "width+depth"), model)
+    graph = dependency_graph(model)
+    scores = {}
+    for group in graph.get_all_groups(ignored_layers=[model.lm_head, model.model.embed_tokens],
+                                      root_module_types=[torch.nn.Linear]):
+        name = re.search(r"layers\.(\d+)\.\w+\.(\w+)", group[0].dep.target.name)
+        scores[(int(name[1]), name[2])] = importance(group)
+    for layer in range(3):
+        for root, kind in (("q_proj", "attn"), ("up_proj", "mlp")):
+            root = root if (layer, root) in scores else "gate_proj"  # gate and up share one group
+            assert (scores[(layer, root)] is None) == ((layer, kind) in PLANNED), (layer, kind)
+    blocks = model.model.layers
+    assert importance.removed_block_modules() == [blocks[0].mlp, blocks[1].self_attn, blocks[1].mlp]
+    assert importance.kept_masks().attn_blocks.tolist() == [1, 1, 1]  # nothing removed yet
+
+
+def test_iterative_steps_remove_the_blocks_once_at_the_last_step(tmp_path):
+    base = tiny_model("llama")
+    result = block_result(base, "width+depth", seed=1)
+    result.save(tmp_path / "search.pt")
+    one_shot, stepped = copy.deepcopy(base), copy.deepcopy(base)
+    reference = PolicyGradientImportance(tmp_path / "search.pt", one_shot)
+    build_pruner(one_shot, reference).step()
+    importance = PolicyGradientImportance(tmp_path / "search.pt", stepped)
+    pruner = build_pruner(stepped, importance, iterative_steps=2)
+    first = pruner.step()
+    assert first.blocks_removed == [] and importance.blocks_pending and len(stepped.model.layers) == 3
+    assert not any(isinstance(m, (RemovedAttention, RemovedMLP)) for m in stepped.modules())
+    second = pruner.step()
+    assert second.blocks_removed == PLANNED and not importance.blocks_pending
+    kept_attention = result.masks.attn[[0, 1, 4, 5]]  # KV groups of layers 0 and 2, whose attention stays
+    assert first.kv_groups_removed + second.kv_groups_removed == 4 - int(kept_attention.sum())
+    assert_same_masks(importance, result.masks)
+    assert_same_masks(reference, result.masks)
+    assert widths(stepped) == widths(one_shot)
+    with torch.no_grad():
+        torch.testing.assert_close(stepped(IDS).logits, one_shot(IDS).logits, rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match="exceed the maximum iterative steps"):
+        extra = pruner.step()  # Torch-Pruning's own no-op; the blocks are not removed twice
+    assert (extra.kv_groups_removed, extra.channels_removed, extra.blocks_removed) == (0, 0, [])
+    with pytest.raises(ValueError, match="already deleted"):
+        build_pruner(stepped, importance)
+
+
+@pytest.mark.parametrize("global_pruning", [True, False])
+def test_ratios_count_only_the_kept_blocks(global_pruning):
+    base = tiny_model("llama")  # 2 KV groups and 96 channels per layer
+    model = copy.deepcopy(base)
+    importance = PolicyGradientImportance(block_result(model, "depth"), model)
+    if global_pruning:  # kept: the attention of layers 0 and 2 (4 KV groups), the MLP of layer 2
+        with pytest.raises(ValueError, match=r"removing 3 of 4 KV groups .*for 2 layers"):
+            build_pruner(model, importance, attn_ratio=0.75)
+    build_pruner(model, importance, attn_ratio=0.5, mlp_ratio=0.25, global_pruning=global_pruning).step()
+    assert widths(model) == [(1, 0), (1, 72)]  # a quarter of the 96 kept channels (of all 288: 72 of them)
+    kept = importance.kept_masks()
+    with torch.no_grad(), masked(base, SearchSpace.from_model(base), UnitMasks(**kept.as_dict())):
+        torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_hand_built_pruner_must_ignore_the_removed_blocks():
+    base = tiny_model("llama")
+    model = copy.deepcopy(base)
+    result = block_result(model, "width+depth")
+    importance = PolicyGradientImportance(result, model)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"removed layer 0 mlp, layer 1 attn, layer 1 mlp, but the pruner does "
+                                         r"not ignore them"):
+        prune_step(stock_pruner(model, importance, global_pruning=True), importance)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    layers = model.model.layers
+    with tracing_mode(model):
+        pruner = tp.pruner.BasePruner(
+            model, tracing_inputs(model), importance=importance, global_pruning=True, pruning_ratio=0.5,
+            pruning_ratio_dict={(layers[2].mlp,): 0.25}, num_heads=kv_group_heads(model), prune_num_heads=True,
+            head_pruning_ratio=0.5, prune_head_dims=False, output_transform=lambda out: out.logits,
+            ignored_layers=[model.model.embed_tokens, model.lm_head, *importance.removed_block_modules()])
+    report = prune_step(pruner, importance)
+    assert report.blocks_removed == PLANNED and model.config.num_hidden_layers == 2
+    assert widths(model) == [(1, 0), (1, 72)]  # 2 of the 4 kept KV groups, 24 of the 96 kept channels
+    with torch.no_grad(), masked(base, SearchSpace.from_model(base), UnitMasks(**importance.kept_masks().as_dict())):
+        torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_searched_blocks_end_to_end(tmp_path):
+    """A real width+depth search with a FLOPs budget, then the default pruner: the search's masks."""
+    base = tiny_model("llama", num_hidden_layers=4)
+    blocks = torch.randint(0, 200, (12, 16), generator=torch.Generator().manual_seed(0))
+    config = SearchConfig(sparsity=0.5, steps=3, batch_size=4, init="magnitude", init_batches=2,
+                          granularity="width+depth", cost="flops", cost_seq_len=128)
+    result = PolicyGradientSearch(base, blocks, config).run(progress=False)
+    model = copy.deepcopy(base)
+    importance = PolicyGradientImportance(result, model)
+    build_pruner(model, importance).step()
+    assert_same_masks(importance, result.masks)
+    with torch.no_grad(), masked(base, result.space, UnitMasks(**result.masks.as_dict())):
+        torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=1e-4, atol=1e-5)
+
+
 # -- docs --------------------------------------------------------------------------------------
 DOC = Path(__file__).resolve().parents[1] / "docs" / "torch_pruning.md"
 
 
 @pytest.mark.real_model
-def test_docs_example_runs_as_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("example", [0, 1])  # 0: width search; 1: depth search with a FLOPs budget
+def test_docs_example_runs_as_written(example, tmp_path, monkeypatch):
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    assert blocks, "docs/torch_pruning.md has no python example"
+    assert len(blocks) == 2, "docs/torch_pruning.md should hold two python examples"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(blocks[0], str(DOC), "exec"), namespace)
-    assert SearchSpace.from_model(namespace["pruned"]).num_attn_units < 90
+    exec(compile(blocks[example], str(DOC), "exec"), namespace)
+    pruned = SearchSpace.from_model(namespace["pruned"])
+    if example == 0:
+        assert pruned.num_attn_units < 90
+    else:
+        result, importance = namespace["result"], namespace["importance"]
+        assert namespace["report"].blocks_removed == importance.removed_blocks != []
+        assert_same_masks(importance, result.masks)
+        assert pruned.prunable_parameters() < result.space.prunable_parameters()

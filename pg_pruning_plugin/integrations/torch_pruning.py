@@ -27,6 +27,15 @@ only to objects this module creates or is handed, never to the library:
 * duplicated GQA indices removed before pruning and only the Linear members pruned (bug 3b;
   per-head q/k norm weights sit in the group with query-space indices and must stay untouched);
 * +rank bonus on each layer's best units, so global ranking never selects a whole layer (bug 8).
+
+Results of a depth or width+depth search (``SearchConfig(granularity=...)``) also remove whole
+attention/MLP blocks. Torch-Pruning cannot remove a block, so the importance returns ``None`` for the
+groups of those blocks (``removed_blocks`` lists them), :func:`build_pruner` and
+:class:`PolicyGradientPruner` add them to ``ignored_layers`` (so they count in no ratio), and
+:func:`prune_step` removes them with the core engine (``removal.remove_blocks``) after the width
+pruning of the *last* iterative step. With a cost budget (``SearchConfig(cost=...)``) the default
+ratios are those of the search's hard masks, so ``build_pruner(model, importance).step()``
+reproduces ``result.masks``.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ import torch_pruning as tp
 
 from ..architectures import SearchSpace, decoder_layers
 from ..metrics import UnitScores
-from ..removal import GroupLayoutError, freeze_index_mappings, tracing_mode, update_config
+from ..removal import GroupLayoutError, freeze_index_mappings, remove_blocks, tracing_mode, update_config
 from ..search import SearchResult
 
 __all__ = [
@@ -71,10 +80,13 @@ def _handler(dep) -> str:
 
 
 def kv_group_heads(model: nn.Module) -> dict[nn.Module, int]:
-    """``num_heads`` for Torch-Pruning with one "head" per KV group: ``{q, k, v: n_kv}`` per layer."""
+    """``num_heads`` for Torch-Pruning with one "head" per KV group: ``{q, k, v: n_kv}`` per layer
+    (layers whose attention block was removed have none)."""
     space = SearchSpace.from_model(model)
     heads: dict[nn.Module, int] = {}
     for layer, shape in zip(decoder_layers(model), space.layers):
+        if shape.num_kv_groups == 0:
+            continue
         attn = getattr(layer, space.spec.attention)
         for name in (space.spec.q, space.spec.k, space.spec.v):
             heads[getattr(attn, name)] = shape.num_kv_groups
@@ -105,6 +117,23 @@ def _describe(shape) -> str:
             f"{shape.intermediate_size} MLP channels")
 
 
+def _search_removed_blocks(result: SearchResult) -> tuple[tuple[int, str], ...]:
+    """``(layer, "attn" | "mlp")`` of the blocks whose hard mask is 0, layer by layer, attention first."""
+    masks = result.masks
+    if not masks.has_blocks:
+        return ()
+    num_layers = result.space.num_layers
+    for name, value in (("attn_blocks", masks.attn_blocks), ("mlp_blocks", masks.mlp_blocks)):
+        if value.numel() != num_layers:
+            raise ValueError(f"search result masks hold {value.numel()} {name} entries for {num_layers} layers")
+    return tuple((i, kind) for i in range(num_layers)
+                 for kind, value in ((_ATTN, masks.attn_blocks), (_MLP, masks.mlp_blocks)) if not value[i])
+
+
+def _format_blocks(blocks: Sequence[tuple[int, str]]) -> str:
+    return ", ".join(f"layer {i} {kind}" for i, kind in blocks) or "none"
+
+
 class PolicyGradientImportance(tp.importance.Importance):
     """One score per root channel of attention and MLP groups, from a finished policy-gradient search.
 
@@ -114,8 +143,10 @@ class PolicyGradientImportance(tp.importance.Importance):
     (default: the search's ``round_to`` or 1; :func:`prune_step` raises it to the pruner's
     ``round_to``); the best KV group of every layer is always kept.
 
-    Returns ``None`` for groups it does not own; raises :class:`GroupLayoutError` for a group of
-    this model whose layout it does not recognise, and ``ValueError`` for a group of another model.
+    Returns ``None`` for groups it does not own and for the groups of blocks the search removed
+    (depth granularities: :attr:`removed_blocks`, deleted by :func:`prune_step` at the last step);
+    raises :class:`GroupLayoutError` for a group of this model whose layout it does not recognise,
+    and ``ValueError`` for a group of another model.
     """
 
     def __init__(self, search: SearchResult | str | os.PathLike, model: nn.Module,
@@ -151,6 +182,39 @@ class PolicyGradientImportance(tp.importance.Importance):
                 self._roles[module] = (i, role)
                 self._modules[(i, role)] = module
         self._model_modules = set(model.modules())
+        self._removed: tuple[tuple[int, str], ...] = _search_removed_blocks(result)
+        self._blocks: dict[tuple[int, str], nn.Module] = {
+            (i, kind): getattr(layer, spec.attention if kind == _ATTN else spec.mlp)
+            for i, layer in enumerate(decoder_layers(model)) for kind in (_ATTN, _MLP)
+        }
+        self._deleted_layers: set[int] = set()  # decoder layers that lost both blocks, once removed
+        self.blocks_pending = bool(self._removed)  # removed blocks still in the model
+        if self._removed:
+            logger.info("the search removed %d blocks (%s); the importance skips their groups and prune_step "
+                        "removes them at the pruner's last step", len(self._removed), _format_blocks(self._removed))
+
+    # -- removed blocks (depth granularities) -----------------------------------------------
+    @property
+    def removed_blocks(self) -> list[tuple[int, str]]:
+        """``(layer, "attn" | "mlp")`` of every block the search removed, in original layer numbering."""
+        return list(self._removed)
+
+    def removed_block_modules(self) -> list[nn.Module]:
+        """The attention/MLP modules of :attr:`removed_blocks` as they are in the model before removal:
+        what a hand-built ``BasePruner`` needs in ``ignored_layers`` (``build_pruner`` adds them itself)."""
+        return [self._blocks[key] for key in self._removed]
+
+    def present_layers(self) -> list[int]:
+        """Original indices of the decoder layers still in the model."""
+        return [i for i in range(self.space.num_layers) if i not in self._deleted_layers]
+
+    def mark_blocks_removed(self) -> None:
+        """Record that :attr:`removed_blocks` left the model (their units are no longer alive)."""
+        for layer, kind in self._removed:
+            self.alive[kind][layer] = []
+        self._deleted_layers = {i for i in range(self.space.num_layers)
+                                if (i, _ATTN) in self._removed and (i, _MLP) in self._removed}
+        self.blocks_pending = False
 
     # -- scores ----------------------------------------------------------------------------
     def unit_scores(self, kind: str, layer: int) -> torch.Tensor:
@@ -163,8 +227,8 @@ class PolicyGradientImportance(tp.importance.Importance):
 
     def __call__(self, group) -> torch.Tensor | None:
         kind, layer = self.classify(group)
-        if kind is None:
-            return None
+        if kind is None or (layer, kind) in self._removed:
+            return None  # not ours, or a block the search removed: the engine deletes it, not Torch-Pruning
         shape = self.space.layers[layer]
         alive = self.alive[kind][layer]
         scores = self.unit_scores(kind, layer)[alive]
@@ -275,7 +339,13 @@ class PolicyGradientImportance(tp.importance.Importance):
     def check_widths(self) -> None:
         """Raise if the model's widths no longer match the alive lists (pruned behind our back)."""
         now = SearchSpace.from_model(self.model)
-        for i, shape in enumerate(now.layers):
+        present = self.present_layers()
+        if len(now.layers) != len(present):
+            raise ValueError(
+                f"the model has {len(now.layers)} decoder layers, but this importance tracked {len(present)}: the "
+                f"model was pruned outside prune_step; build a new importance for it"
+            )
+        for i, shape in zip(present, now.layers):
             if (shape.num_kv_groups, shape.intermediate_size) != (len(self.alive[_ATTN][i]), len(self.alive[_MLP][i])):
                 raise ValueError(
                     f"layer {i} has {shape.num_kv_groups} KV groups and {shape.intermediate_size} channels, but this "
@@ -284,14 +354,23 @@ class PolicyGradientImportance(tp.importance.Importance):
                 )
 
     def kept_masks(self) -> UnitScores:
-        """0/1 masks over the original units (1 = still present), in :class:`SearchSpace` order."""
+        """0/1 masks over the original units (1 = still present), in :class:`SearchSpace` order.
+
+        For a depth-granularity result the block masks are included: 0 once :func:`prune_step` has
+        removed the block (whose units are then 0 too), 1 before.
+        """
         masks = []
         for kind, n in ((_ATTN, self.space.num_attn_units), (_MLP, self.space.num_mlp_units)):
             mask = torch.zeros(n)
             for layer, alive in enumerate(self.alive[kind]):
                 mask[self._slices[kind](layer).start + torch.tensor(alive, dtype=torch.long)] = 1.0
             masks.append(mask)
-        return UnitScores(*masks)
+        if not self.result.masks.has_blocks:
+            return UnitScores(*masks)
+        gone = set() if self.blocks_pending else set(self._removed)
+        blocks = [torch.tensor([0.0 if (i, kind) in gone else 1.0 for i in range(self.space.num_layers)])
+                  for kind in (_ATTN, _MLP)]
+        return UnitScores(*masks, *blocks)
 
     def projections(self, role: str) -> list[nn.Module]:
         """The ``role`` projection (``"q"``, ``"gate"``, ...) of every layer."""
@@ -319,11 +398,16 @@ def _check_same_model(expected: SearchSpace, actual: SearchSpace) -> None:
 # -- the pruning step ---------------------------------------------------------------------------
 @dataclasses.dataclass
 class StepReport:
-    """What one :func:`prune_step` removed (current-model counts)."""
+    """What one :func:`prune_step` removed (current-model counts).
+
+    ``kept_per_layer`` has one entry per *original* decoder layer (0 for a removed block, ``(0, 0)``
+    for a deleted layer); the counts of removed units exclude those of removed blocks.
+    """
 
     kv_groups_removed: int
     channels_removed: int
     kept_per_layer: list[tuple[int, int]]  # (KV groups, MLP channels)
+    blocks_removed: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (layer, "attn" | "mlp")
 
 
 def _refusing_check(graph: tp.DependencyGraph, importance: PolicyGradientImportance):
@@ -347,6 +431,13 @@ def _refusing_check(graph: tp.DependencyGraph, importance: PolicyGradientImporta
     return check
 
 
+def _refuse_finished(importance: PolicyGradientImportance) -> None:
+    """A new pruner cannot reuse an importance whose removed blocks are already gone (layers renumbered)."""
+    if importance.removed_blocks and not importance.blocks_pending:
+        raise ValueError("this importance's removed blocks were already deleted from the model by a finished "
+                         "pruner; build the next pruner from a new search of the pruned model")
+
+
 def _check_pruner(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportance) -> None:
     if pruner.model is not importance.model:
         raise ValueError("the pruner and the importance were built for different models")
@@ -362,6 +453,18 @@ def _check_pruner(pruner: tp.pruner.BasePruner, importance: PolicyGradientImport
             )
     if pruner.num_heads and pruner.prune_head_dims:
         raise ValueError("prune_head_dims=True shrinks head_dim and breaks RoPE; pass prune_head_dims=False")
+    if importance.blocks_pending:
+        # Not ignored, a removed block's heads would still count in Torch-Pruning's global head
+        # total (initial_total_heads) while its groups are skipped, so kept layers would pay for it.
+        ignored = set(pruner.ignored_layers)
+        counted = [key for key, block in zip(importance.removed_blocks, importance.removed_block_modules())
+                   if any(m not in ignored for m in block.modules() if isinstance(m, nn.Linear))]
+        if counted:
+            raise ValueError(
+                f"the search removed {_format_blocks(counted)}, but the pruner does not ignore them, so their units "
+                f"would count in its ratios; add importance.removed_block_modules() to ignored_layers (build_pruner "
+                f"and PolicyGradientPruner do this themselves)"
+            )
 
 
 def _head_removals(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportance, step: int) -> int:
@@ -379,6 +482,13 @@ def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportanc
     the de-duplicated channels of the Linear members, updates the importance's alive lists, and
     writes the new widths into the model and its config (:func:`removal.update_config`). The
     graph's original ``check_pruning_group`` is restored afterwards.
+
+    With a depth-granularity result, the step that reaches ``pruner.iterative_steps`` then removes
+    the importance's :attr:`~PolicyGradientImportance.removed_blocks` with the core engine
+    (:func:`removal.remove_blocks`: weightless stand-ins, a layer losing both blocks is deleted and
+    ``num_hidden_layers``/``layer_types`` shrink), once; earlier steps leave the blocks in place, so
+    the dependency graph stays valid between steps. The pruner must ignore those blocks (see
+    :meth:`PolicyGradientImportance.removed_block_modules`), or ``ValueError`` is raised first.
     """
     importance = importance if importance is not None else pruner.importance
     if not isinstance(importance, PolicyGradientImportance):
@@ -409,7 +519,7 @@ def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportanc
     plan = []
     for group in groups:
         kind, layer = importance.classify(group)
-        if kind is None:
+        if kind is None or (layer, kind) in importance.removed_blocks:
             raise GroupLayoutError(f"Torch-Pruning yielded a group the importance does not score: "
                                    f"{group[0].dep.target.name}")
         plan.append((group, kind, layer, importance.removed_positions(group, kind, layer)))
@@ -423,12 +533,19 @@ def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportanc
     for module in pruner.model.modules():
         if isinstance(module, nn.Linear):
             module.out_features, module.in_features = module.weight.shape
+    blocks = []
+    if importance.blocks_pending and pruner.current_step >= pruner.iterative_steps:
+        blocks = importance.removed_blocks
+        layers = range(importance.space.num_layers)
+        remove_blocks(pruner.model, [(i, _ATTN) in blocks for i in layers], [(i, _MLP) in blocks for i in layers])
+        importance.mark_blocks_removed()
     update_config(pruner.model)
     importance.check_widths()
     report = StepReport(removed[_ATTN], removed[_MLP],
-                        [(len(a), len(m)) for a, m in zip(importance.alive[_ATTN], importance.alive[_MLP])])
-    logger.info("pruning step %d removed %d KV groups and %d MLP channels", pruner.current_step,
-                report.kv_groups_removed, report.channels_removed)
+                        [(len(a), len(m)) for a, m in zip(importance.alive[_ATTN], importance.alive[_MLP])], blocks)
+    logger.info("pruning step %d removed %d KV groups and %d MLP channels%s", pruner.current_step,
+                report.kv_groups_removed, report.channels_removed,
+                f", and the blocks {_format_blocks(blocks)}" if blocks else "")
     return report
 
 
@@ -438,15 +555,19 @@ class PolicyGradientPruner(tp.pruner.BasePruner):
     Takes ``BasePruner``'s arguments. Tracing runs with eager attention and no cache (the model's
     settings are restored), ``example_inputs`` defaults to 8 random tokens, and ``step()`` is
     :func:`prune_step`. ``step(interactive=True)`` is not offered: groups must be validated and
-    pruned together.
+    pruned together. The blocks the search removed (``importance.removed_block_modules()``) are
+    added to ``ignored_layers``; ``step()`` deletes them at the last iterative step.
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor | dict | None = None,
                  importance: PolicyGradientImportance | None = None, **kwargs):
         if not isinstance(importance, PolicyGradientImportance):
             raise TypeError("PolicyGradientPruner needs importance=PolicyGradientImportance(...)")
+        _refuse_finished(importance)
         root_types = kwargs.pop("root_module_types", [nn.Linear])
         kwargs.setdefault("output_transform", _logits)
+        ignored = list(kwargs.get("ignored_layers") or [])  # blocks the search removed count in no ratio
+        kwargs["ignored_layers"] = ignored + [m for m in importance.removed_block_modules() if m not in ignored]
         for name in ("num_heads", "in_channel_groups", "out_channel_groups"):  # BasePruner mutates its
             kwargs[name] = dict(kwargs.get(name) or {})  # mutable default dicts; give it fresh ones
         inputs = tracing_inputs(model, example_inputs)
@@ -519,7 +640,8 @@ def _plan(importance: PolicyGradientImportance, attn_ratio: float, mlp_ratio: fl
           round_to: int | None, steps: int, ignored: set[nn.Module]) -> _Plan:
     """Translate the budget into Torch-Pruning ratios, refusing any that would empty a layer.
 
-    Ratios apply to the units of the layers that are not ignored, as in Torch-Pruning.
+    Ratios apply to the units of the layers that are not ignored, as in Torch-Pruning; the blocks
+    the search removed are among the ignored, so their units count in no ratio.
     """
     layers, model = SearchSpace.from_model(importance.model).layers, importance.model
     attn_layers = [i for i, q in enumerate(importance.projections("q")) if q not in ignored]
@@ -538,9 +660,13 @@ def _plan(importance: PolicyGradientImportance, attn_ratio: float, mlp_ratio: fl
                     f"{minimum} per layer for {len(pool)} layers (layer {weakest} would be emptied); lower the ratio"
                 )
             ratios.append(_keep_ratio(n, remove) if pool else 0.0)
-        return _Plan(ratios[0], {tuple(mlps[i] for i in mlp_layers): ratios[1]}, {})
+        return _Plan(ratios[0], {tuple(mlps[i] for i in mlp_layers): ratios[1]} if mlp_layers else {}, {})
     mlp_ratios, head_ratios, widths = {}, {}, set()
+    removed = set(importance.removed_blocks)
+    stock = True  # update_config writes the standard fields only if no layer keeps just one block
     for i, s in enumerate(layers):
+        gone = {kind for kind in (_ATTN, _MLP) if (i, kind) in removed}  # ignored, so in neither list below
+        stock = stock and len(gone) != 1  # a layer losing both blocks is deleted and has no width
         n_kv, channels = s.num_kv_groups, s.intermediate_size
         if i in mlp_layers:
             channels -= int(s.intermediate_size * mlp_ratio + 1e-9)
@@ -551,10 +677,24 @@ def _plan(importance: PolicyGradientImportance, attn_ratio: float, mlp_ratio: fl
         if i in attn_layers:
             n_kv -= int(s.num_kv_groups * attn_ratio + 1e-9)
             head_ratios[i] = _head_schedule(s.num_kv_groups, s.num_kv_groups - n_kv, steps)
-        widths.add((n_kv, s.queries_per_group, channels))
-    if len(widths) == 1:
+        if not gone:
+            widths.add((n_kv, s.queries_per_group, channels))
+    if len(widths) == 1 and stock:
         _check_stock_config(model, *widths.pop(), round_to)
     return _Plan(attn_ratio, mlp_ratios, head_ratios)
+
+
+def _mask_ratios(importance: PolicyGradientImportance, ignored: set[nn.Module]) -> tuple[float, float]:
+    """Fractions of the KV groups and MLP channels the search's hard masks remove, over the units
+    the pruner ranks (layers not ignored; the blocks the search removed are among the ignored)."""
+    masks, space = importance.result.masks, importance.space
+    ratios = []
+    for role, mask, layer_slice in (("q", masks.attn, space.attn_slice), ("gate", masks.mlp, space.mlp_slice)):
+        pool = [i for i, module in enumerate(importance.projections(role)) if module not in ignored]
+        n = sum(layer_slice(i).stop - layer_slice(i).start for i in pool)
+        kept = sum(int(mask[layer_slice(i)].sum()) for i in pool)
+        ratios.append((n - kept) / n if n else 0.0)
+    return ratios[0], ratios[1]
 
 
 def _check_stock_config(model: nn.Module, n_kv: int, n_rep: int, intermediate: int, round_to: int | None) -> None:
@@ -600,6 +740,14 @@ def build_pruner(
     always ignored (the hidden size is frozen). Other keyword arguments go to ``BasePruner``
     (e.g. ``iterative_pruning_ratio_scheduler``, ``max_pruning_ratio``, ``isomorphic``). Budgets
     that would empty a layer raise ``ValueError`` before tracing.
+
+    Depth-granularity results: the blocks the search removed (``importance.removed_blocks``) are
+    ignored by Torch-Pruning, ratios apply to the units of the kept blocks only, and ``step()``
+    deletes the removed blocks after the width pruning of the last iterative step. Cost-budget
+    results (``SearchConfig(cost=...)``, one budget over both unit types) have no per-type sparsity:
+    a ratio left at ``None`` is then the fraction of the ranked units (kept blocks, not ignored) that
+    the search's hard masks remove, so the defaults reproduce ``result.masks`` (exactly when the
+    search had no ``round_to``). Both ratios may then be 0 when the search removed blocks only.
     """
     if not isinstance(importance, PolicyGradientImportance):
         raise TypeError("importance must be a PolicyGradientImportance")
@@ -610,23 +758,32 @@ def build_pruner(
     if owned:
         raise TypeError(f"build_pruner sets {', '.join(owned)} itself; construct PolicyGradientPruner directly "
                         f"to choose them")
+    _refuse_finished(importance)
+    protected = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    ignored_layers = protected + importance.removed_block_modules() + list(ignored_layers)
+    ignored = {m for layer in ignored_layers for m in layer.modules()}
     config = importance.result.config
+    if config.cost is not None:  # one cost budget: the ratios of the search's own hard masks
+        mask_attn, mask_mlp = _mask_ratios(importance, ignored)
+        attn_ratio = mask_attn if attn_ratio is None else attn_ratio
+        mlp_ratio = mask_mlp if mlp_ratio is None else mlp_ratio
     attn_ratio = 1.0 - config.attn_keep if attn_ratio is None else attn_ratio
     mlp_ratio = 1.0 - config.mlp_keep if mlp_ratio is None else mlp_ratio
     global_pruning = config.global_budget if global_pruning is None else global_pruning
     for name, value in (("attn_ratio", attn_ratio), ("mlp_ratio", mlp_ratio)):
         if not 0.0 <= value < 1.0:
             raise ValueError(f"{name}={value} must be in [0, 1): the fraction of units removed")
-    if attn_ratio == 0.0 and mlp_ratio == 0.0:
+    if attn_ratio == 0.0 and mlp_ratio == 0.0 and not importance.removed_blocks:
         raise ValueError("attn_ratio and mlp_ratio are both 0: nothing to prune")
     if round_to is not None and round_to < 1:
         raise ValueError("round_to must be a positive integer")
     if iterative_steps < 1:
         raise ValueError("iterative_steps must be >= 1")
-    protected = [m for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
-    ignored_layers = protected + list(ignored_layers)
-    plan = _plan(importance, attn_ratio, mlp_ratio, global_pruning, round_to, iterative_steps,
-                 {m for layer in ignored_layers for m in layer.modules()})
+    if importance.removed_blocks:
+        logger.info("ratios attn=%.4f, mlp=%.4f apply to the kept blocks; %s are removed after the width "
+                    "pruning of step %d (the last)", attn_ratio, mlp_ratio, _format_blocks(importance.removed_blocks),
+                    iterative_steps)
+    plan = _plan(importance, attn_ratio, mlp_ratio, global_pruning, round_to, iterative_steps, ignored)
     pruner = PolicyGradientPruner(
         model, example_inputs, importance,
         global_pruning=global_pruning,
