@@ -65,16 +65,23 @@ def widths(model) -> list[tuple[int, int]]:
     return [(s.num_kv_groups, s.intermediate_size) for s in SearchSpace.from_model(model).layers]
 
 
+def root_scores(model, importance) -> dict[tuple[int, str], torch.Tensor | None]:
+    """``importance`` of every Linear-rooted group of ``model``, keyed by (layer, root projection name)."""
+    graph = dependency_graph(model)
+    scores = {}
+    for group in graph.get_all_groups(ignored_layers=[model.lm_head, model.model.embed_tokens],
+                                      root_module_types=[torch.nn.Linear]):
+        name = re.search(r"layers\.(\d+)\.\w+\.(\w+)", group[0].dep.target.name)
+        scores[(int(name[1]), name[2])] = importance(group)
+    return scores
+
+
 # -- the importance on its own ---------------------------------------------------------------
 def test_scores_follow_the_group_layout(base):
     model = copy.deepcopy(base)
     importance = PolicyGradientImportance(synthetic_result(model, True), model)
+    roots = root_scores(model, importance)
     graph = dependency_graph(model)
-    roots = {}
-    for group in graph.get_all_groups(ignored_layers=[model.lm_head, model.model.embed_tokens],
-                                      root_module_types=[torch.nn.Linear]):
-        name = re.search(r"layers\.(\d+)\.\w+\.(\w+)", group[0].dep.target.name)
-        roots[(int(name[1]), name[2])] = importance(group)
     for layer in range(3):
         attn, mlp = importance.unit_scores("attn", layer), importance.unit_scores("mlp", layer)
         assert torch.equal(roots[(layer, "q_proj")], attn.repeat_interleave(3 * 8))  # n_rep·head_dim per KV group
@@ -368,12 +375,7 @@ def test_block_result_reproduces_the_search_masks(arch, granularity, cost, tmp_p
 def test_importance_skips_the_groups_of_removed_blocks():
     model = tiny_model("llama")
     importance = PolicyGradientImportance(block_result(model, "width+depth"), model)
-    graph = dependency_graph(model)
-    scores = {}
-    for group in graph.get_all_groups(ignored_layers=[model.lm_head, model.model.embed_tokens],
-                                      root_module_types=[torch.nn.Linear]):
-        name = re.search(r"layers\.(\d+)\.\w+\.(\w+)", group[0].dep.target.name)
-        scores[(int(name[1]), name[2])] = importance(group)
+    scores = root_scores(model, importance)
     for layer in range(3):
         for root, kind in (("q_proj", "attn"), ("up_proj", "mlp")):
             root = root if (layer, root) in scores else "gate_proj"  # gate and up share one group
