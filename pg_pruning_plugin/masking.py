@@ -4,6 +4,7 @@ A mask zeroes a KV group's slice of the ``o_proj`` input and an MLP channel's en
 ``down_proj`` input (method.md §2.2), so a masked model computes exactly what the physically
 pruned model computes. Hooks are removed when the context exits, also on error.
 
+Blocks whose mask keeps every unit get no hook, so an all-ones mask costs nothing.
 Several mask samples can share one forward: with ``S`` samples the batch is sample-major,
 ``[S·B, T]``, and row block ``s`` sees sample ``s``'s mask.
 """
@@ -91,8 +92,9 @@ def masked(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterator[n
             o_proj = getattr(getattr(layer, spec.attention), spec.o)
             down_proj = getattr(getattr(layer, spec.mlp), spec.down)
             weight = o_proj.weight
-            handles.append(o_proj.register_forward_pre_hook(_scale_input(attn_mask.to(weight.device, weight.dtype))))
-            handles.append(down_proj.register_forward_pre_hook(_scale_input(mlp_mask.to(weight.device, weight.dtype))))
+            for module, mask in ((o_proj, attn_mask), (down_proj, mlp_mask)):
+                if not bool((mask == 1).all()):  # a block that keeps every unit runs exactly as the dense one
+                    handles.append(module.register_forward_pre_hook(_scale_input(mask.to(weight.device, weight.dtype))))
         yield model
     finally:
         for h in handles:

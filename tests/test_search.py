@@ -21,7 +21,18 @@ def test_all_ones_mask_reproduces_dense_logits_exactly(model_type, overrides):
         dense = model(ids).logits
         with masked(model, space, UnitMasks.ones(space)):
             ones = model(ids).logits
+            hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
     assert torch.equal(dense, ones)
+    assert hooks == 0  # nothing to mask, nothing added to the forward
+
+
+def test_only_blocks_that_drop_units_get_a_hook(llama):
+    space = SearchSpace.from_model(llama)
+    masks = UnitMasks.ones(space)
+    masks.mlp[0, space.mlp_offsets[1]] = 0
+    with masked(llama, space, masks):
+        hooked = [name for name, m in llama.named_modules() if m._forward_pre_hooks]
+    assert hooked == ["model.layers.1.mlp.down_proj"]
 
 
 def test_mask_equals_zeroed_weights(llama):
