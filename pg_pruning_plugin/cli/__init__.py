@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench", "compare")
+COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench", "compare", "export_gguf")
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
