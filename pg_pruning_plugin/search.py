@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .architectures import ARCHITECTURES, LayerShape, SearchSpace
-from .budget import (BLOCK_TYPES, COSTS, GRANULARITIES, WIDTH_TYPES, BudgetError, check_custom_costs, cost_mask,
+from .budget import (BLOCK_TYPES, COSTS, WIDTH_TYPES, BudgetError, check_custom_costs, cost_mask,
                      minimum_cost, project_to_cost, searched_types, unit_costs)
 from .masking import UnitMasks, masked
 from .metrics import METRICS, UnitScores, block_influence, compute_metric
