@@ -34,6 +34,7 @@ __all__ = [
     "format_accounting",
     "minimum_cost",
     "project_to_cost",
+    "sparsity_for_parameters",
     "unit_costs",
 ]
 
@@ -82,6 +83,18 @@ def check_custom_costs(custom: dict[str, float] | None) -> None:
     for key, value in custom.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"the cost of a {key} unit is {value!r}; every unit type needs a positive cost")
+
+
+def sparsity_for_parameters(model: torch.nn.Module, keep_params: int) -> float:
+    """The ``sparsity`` of ``SearchConfig(cost="params")`` that leaves ``keep_params`` parameters in all
+    (embeddings, norms and ``lm_head`` are never pruned; tied tensors count once)."""
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    prunable = SearchSpace.from_model(model).prunable_parameters()
+    fixed = total - prunable
+    if not fixed < keep_params < total:
+        raise BudgetError(f"keeping {keep_params:,} parameters is out of reach: it must lie between the {fixed:,} "
+                          f"that are never pruned (embeddings, norms, lm_head) and the model's {total:,}")
+    return (total - keep_params) / prunable
 
 
 def _layer_ids(offsets: list[int]) -> torch.Tensor:

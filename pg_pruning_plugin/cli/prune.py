@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from ..architectures import SearchSpace, architecture_of
-from ..budget import GRANULARITIES, budget_accounting, format_accounting, unit_costs
+from ..budget import GRANULARITIES, budget_accounting, format_accounting, sparsity_for_parameters, unit_costs
 from ..checkpoint import check_output_dir, save_pruned
 from ..data import DEFAULT_TEXT, calibration_blocks
 from ..evaluation import perplexity
@@ -94,15 +94,6 @@ def _count(text: str) -> int:
     return int(value)
 
 
-def _sparsity_for_params(keep_params: int, total: int, prunable: int) -> float:
-    """The fraction of prunable parameters to remove so that ``keep_params`` of ``total`` remain."""
-    fixed = total - prunable
-    if not fixed < keep_params < total:
-        raise ValueError(f"--keep-params {keep_params:,} must lie between the {fixed:,} parameters that are never "
-                         f"pruned (embeddings, norms, lm_head) and the model's {total:,}")
-    return (total - keep_params) / prunable
-
-
 def _config(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig(
         sparsity=args.sparsity, attn_sparsity=args.attn_sparsity, mlp_sparsity=args.mlp_sparsity,
@@ -142,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     before_space = SearchSpace.from_model(model)
     params_before = count_parameters(model)
     if args.keep_params:
-        config.sparsity = _sparsity_for_params(args.keep_params, params_before, before_space.prunable_parameters())
+        config.sparsity = sparsity_for_parameters(model, args.keep_params)
         logger.info("--keep-params %s: removing %.2f%% of the prunable parameters", f"{args.keep_params:,}",
                     100 * config.sparsity)
     dense_ppl = held_out_ppl()
