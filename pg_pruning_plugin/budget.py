@@ -6,10 +6,9 @@ keep-probabilities ``b`` (1 when blocks are not searched) the expected kept cost
 
     E[C] = Σ_l  b_attn,l · Σ_{g∈l} c_g s_g  +  b_mlp,l · Σ_{j∈l} c_j s_j
 
-and :func:`project_to_cost` keeps ``E[C]`` at the budget after every step: each searched
-probability moves down by ``v`` times its price ``∂E[C]/∂s`` (``c_g·b_l`` for a width unit, the
-block's expected width cost for a block), with ``v ≥ 0`` found by bisection, the weighted version of
-the paper's projection. :func:`cost_mask` then drops units in order of increasing keep-probability
+and :func:`project_to_cost` keeps ``E[C]`` at the budget after every step: every searched
+probability moves down by the same ``v ≥ 0``, found by bisection on the cost-weighted sum (the
+paper's projection with a weighted constraint). :func:`cost_mask` then drops units in order of increasing keep-probability
 until the kept cost is within the budget.
 """
 
@@ -123,28 +122,25 @@ def expected_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace) -> f
 
 def project_to_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace, budget: float,
                     searched: Iterable[str], iterations: int = 60) -> UnitScores:
-    """Move the ``searched`` probabilities down by ``v`` times their price so that ``E[C] ≤ budget``
-    with equality up to bisection precision; never moves up. Unsearched fields are left as they are."""
+    """Shift the ``searched`` probabilities down by one ``v ≥ 0`` (then clamp to [0, 1]) so that
+    ``E[C] = budget`` up to bisection precision; never shifts up, unsearched fields stay as they are.
+
+    For width units this is the paper's projection with the constraint weighted by cost: the
+    Euclidean projection onto ``Σ c_i s_i = B`` in the metric ``Σ c_i Δs_i²``, where moving an
+    expensive unit's probability costs in proportion. (The plain Euclidean projection would move each
+    unit by ``v·c_i``: a SmolLM2 KV group costs 171 channels, so it would absorb almost every
+    correction; measured worse, docs/results/depth_budget.md.)
+    """
     searched = tuple(searched)
     clamped = UnitScores(**{k: v.clamp(0, 1) for k, v in probs.as_dict().items()})
     if expected_cost(clamped, costs, space) <= budget:
         return clamped
-    attn_w, mlp_w = _width_costs(clamped, costs, space)
-    ones = torch.ones(space.num_layers, dtype=torch.float64)
-    b_attn = clamped.attn_blocks.double() if clamped.has_blocks else ones
-    b_mlp = clamped.mlp_blocks.double() if clamped.has_blocks else ones
-    prices = {  # ∂E[C]/∂s at the current point
-        "attn": costs.attn * b_attn[_layer_ids(space.attn_offsets)],
-        "mlp": costs.mlp * b_mlp[_layer_ids(space.mlp_offsets)],
-        "attn_blocks": attn_w, "mlp_blocks": mlp_w,
-    }
     start = {k: v.double() for k, v in clamped.as_dict().items()}
 
     def shifted(v: float) -> UnitScores:
-        return UnitScores(**{k: (s - v * prices[k]).clamp(0, 1) if k in searched else s for k, s in start.items()})
+        return UnitScores(**{k: (s - v).clamp(0, 1) if k in searched else s for k, s in start.items()})
 
-    positive = [start[k][prices[k] > 0] / prices[k][prices[k] > 0] for k in searched]
-    lo, hi = 0.0, max(float(p.max()) for p in positive if p.numel())
+    lo, hi = 0.0, max(float(start[k].max()) for k in searched)
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if expected_cost(shifted(mid), costs, space) > budget:
