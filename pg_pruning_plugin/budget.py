@@ -128,8 +128,8 @@ def project_to_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace, bu
     For width units this is the paper's projection with the constraint weighted by cost: the
     Euclidean projection onto ``Σ c_i s_i = B`` in the metric ``Σ c_i Δs_i²``, where moving an
     expensive unit's probability costs in proportion. (The plain Euclidean projection would move each
-    unit by ``v·c_i``: a SmolLM2 KV group costs 171 channels, so it would absorb almost every
-    correction; measured worse, docs/results/depth_budget.md.)
+    unit by ``v·c_i``; a SmolLM2 KV group costs as much as 171 channels, so KV groups would absorb
+    almost every correction.)
     """
     searched = tuple(searched)
     clamped = UnitScores(**{k: v.clamp(0, 1) for k, v in probs.as_dict().items()})
