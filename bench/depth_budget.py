@@ -14,7 +14,8 @@ numbers of attention and MLP blocks as the depth search removed, and whole decod
 removing the number of layers closest to the budget. Masks are evaluated through the masked forward,
 which equals the physically pruned model (tests/test_depth_budget.py).
 
-    python bench/depth_budget.py --sparsity 0.2 0.3 0.5 --steps 30 --out docs/results/depth_budget.md
+    python bench/depth_budget.py --sparsity 0.2 0.3 0.5 --steps 20 --windows-128 64 --windows-2048 4 \
+        --out docs/results/depth_budget.md --notes docs/results/depth_budget_notes.md
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import logging
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -84,8 +86,17 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", type=Path, required=True, help="markdown file; a .json with the raw rows is written beside it")
+    p.add_argument("--notes", type=Path, default=None, help="markdown appended under the table (hand-written reading)")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite --out from its .json (e.g. after editing --notes) without measuring")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO)
+    if args.render_only:  # the settings shown are those of the recorded command
+        saved = json.loads(args.out.with_suffix(".json").read_text())
+        measured = p.parse_args(shlex.split(saved["command"])[2:])
+        measured.out, measured.notes = args.out, args.notes
+        write(measured, saved["rows"], saved["command"])
+        return
     torch.manual_seed(args.seed)
 
     model, tok = load_model(args.model, device=args.device)
@@ -112,6 +123,7 @@ def main() -> None:
                    "seconds": time.perf_counter() - t}
             rows.append(row)
             logging.info("%s", row)
+            write(args, rows)  # after every row: an interrupted run keeps what it measured
             if overrides.get("granularity") == "depth":
                 depth_masks = row
         n_attn, n_mlp = depth_masks["attn_blocks_removed"], depth_masks["mlp_blocks_removed"]
@@ -127,15 +139,15 @@ def main() -> None:
                    **evaluate(model, space, masks, held_out), "seconds": time.perf_counter() - t}
             rows.append(row)
             logging.info("%s", row)
-    write(args, rows)
+            write(args, rows)
 
 
 def _all_kept(space) -> UnitScores:
     return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units))
 
 
-def write(args, rows: list[dict]) -> None:
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+def write(args, rows: list[dict], command: str | None = None) -> None:
+    command = command or "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2))
     lines = [
@@ -163,7 +175,8 @@ def write(args, rows: list[dict]) -> None:
             f"{r.get('attn_blocks_removed', 0)} / {r.get('mlp_blocks_removed', 0)} | {r.get('layers_removed', 0)} | "
             f"{r['ppl@128']:.2f} | {r['ppl@2048']:.2f} | {r['seconds']:.0f} |"
         )
-    args.out.write_text("\n".join(lines) + "\n")
+    notes = "\n" + args.notes.read_text() if args.notes is not None and args.notes.is_file() else ""
+    args.out.write_text("\n".join(lines) + "\n" + notes)
 
 
 if __name__ == "__main__":
