@@ -160,7 +160,7 @@ def write(args, rows: list[dict], command: str | None = None) -> None:
         f"{torch_pruning.__version__}, Python {platform.python_version()}.",
         "",
         f"Search: {args.steps} steps of 2 samples x {args.batch_size} x 128 tokens of the wiki-vital calib split, lr "
-        f"{args.lr} (cosine), init {args.init} for widths and block influence for blocks, gather execution. "
+        f"{args.lr} (cosine), init {args.init} for widths and the layer influence for both blocks of a layer, gather execution. "
         f"Held-out: wiki-vital eval split, {args.windows_128} windows of 128 tokens and {args.windows_2048} of 2048 "
         f"(128: exp of the mean batch cross-entropy, batch 8; 2048: token-weighted, batch 4, as `pg-prune eval`). 'removed' columns: share of the prunable q/k/v/o/gate/up/down "
         f"parameters and of their forward FLOPs per token at 2048 tokens.",

@@ -325,9 +325,10 @@ class PolicyGradientSearch:
     def initial_probabilities(self, progress: bool = True) -> UnitScores:
         """Keep-probabilities the search starts from: ``init_scores`` or the mapped init metrics.
 
-        Width units map ``config.init`` per layer; block units map the block influence
-        (1 − cosine similarity of the residual stream across the block) over all layers. Units that
-        are not searched stay at 1. With a cost budget the result is projected onto it.
+        Width units map ``config.init`` per layer; both block units of a layer map the layer's
+        influence (1 − cosine similarity of the residual stream across the decoder layer, ShortGPT)
+        over all layers. Units that are not searched stay at 1. With a cost budget the result is
+        projected onto it.
         """
         if self._init_scores is None:
             cfg, space = self.config, self.space
@@ -347,10 +348,12 @@ class PolicyGradientSearch:
             else:
                 scores = UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units))
             if BLOCK_TYPES[0] in cfg.searched:
+                # Both blocks of a layer start from the layer's influence, so the least probable blocks
+                # come in pairs and the start is ShortGPT's layer ranking; per-block influence measured
+                # far worse (docs/results/depth_budget.md).
                 influence = block_influence(self.model, space, calibration, progress=progress)
-                block_keep = cfg.width_keep
-                scores.attn_blocks = scores_from_metric(influence.attn, block_keep, mapping, cfg.init_confidence)
-                scores.mlp_blocks = scores_from_metric(influence.mlp, block_keep, mapping, cfg.init_confidence)
+                scores.attn_blocks = scores_from_metric(influence.layer, cfg.width_keep, mapping, cfg.init_confidence)
+                scores.mlp_blocks = scores.attn_blocks.clone()
             if not separate:
                 costs, budget = cost_budget(space, cfg)
                 scores = project_to_cost(scores, costs, space, budget, cfg.searched)
