@@ -14,6 +14,7 @@ until the kept cost is within the budget.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 
 from .architectures import SearchSpace
 from .metrics import UnitScores
+from .reporting import count_parameters
 
 __all__ = [
     "COSTS",
@@ -87,7 +89,7 @@ def check_custom_costs(custom: dict[str, float] | None) -> None:
 def sparsity_for_parameters(model: torch.nn.Module, keep_params: int) -> float:
     """The ``sparsity`` of ``SearchConfig(cost="params")`` that leaves ``keep_params`` parameters in all
     (embeddings, norms and ``lm_head`` are never pruned; tied tensors count once)."""
-    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    total = count_parameters(model)
     prunable = SearchSpace.from_model(model).prunable_parameters()
     fixed = total - prunable
     if not fixed < keep_params < total:
@@ -97,12 +99,18 @@ def sparsity_for_parameters(model: torch.nn.Module, keep_params: int) -> float:
 
 
 def _layer_ids(offsets: list[int]) -> torch.Tensor:
+    """Layer index of every unit (cached: the projection's bisection asks for it at every halving)."""
+    return _cached_layer_ids(tuple(offsets))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_layer_ids(offsets: tuple[int, ...]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(offsets) - 1), torch.tensor(offsets).diff())
 
 
 def _block_sums(values: torch.Tensor, offsets: list[int]) -> torch.Tensor:
     """``[L]`` sums of ``values`` over each layer's slice."""
-    return torch.zeros(len(offsets) - 1, dtype=values.dtype).index_add_(0, _layer_ids(offsets), values)
+    return torch.zeros(len(offsets) - 1, dtype=values.dtype).index_add(0, _layer_ids(offsets), values)
 
 
 def _width_costs(probs: UnitScores, costs: UnitScores, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,7 +125,6 @@ def expected_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace) -> f
     if probs.has_blocks:
         attn, mlp = attn * probs.attn_blocks.double(), mlp * probs.mlp_blocks.double()
     return float(attn.sum() + mlp.sum())
-
 
 
 def project_to_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace, budget: float,
