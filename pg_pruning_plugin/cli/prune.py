@@ -57,17 +57,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cost-seq-len", type=int, default=2048, help="context length of the FLOPs cost and report")
     g.add_argument("--keep-params", type=_count, default=None,
                    help="total parameters to keep, e.g. 100M or 1.2e8 (sets --cost params and --sparsity)")
-    s = p.add_argument_group("search (paper defaults except --steps)")
+    s = p.add_argument_group("search (paper defaults except --steps, --lr and --init-mapping, which suit the short "
+                             "default run; the paper: --steps 15000 --lr 2e-3 --init-mapping sigmap)")
     s.add_argument("--steps", type=int, default=100, help="optimisation steps (paper: 15000)")
     s.add_argument("--samples", type=int, default=2, help="mask samples per step, K")
-    s.add_argument("--lr", type=float, default=2e-3, help="score learning rate (cosine to 0)")
+    s.add_argument("--lr", type=float, default=1e-2, help="score learning rate (cosine to 0; paper: 2e-3)")
     s.add_argument("--baseline-window", type=int, default=5, help="EMA baseline window W (0: no baseline)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--seq-len", type=int, default=128)
     s.add_argument("--max-epochs", type=int, default=1, help="passes allowed over the calibration blocks")
     s.add_argument("--init", choices=METRICS, default="wanda-sp", help="initial metric")
-    s.add_argument("--init-mapping", choices=INIT_MAPPINGS, default="sigmap",
-                   help="metric to initial keep-probabilities (mask: the init mask itself, see docs/method.md)")
+    s.add_argument("--init-mapping", choices=INIT_MAPPINGS, default="mask",
+                   help="metric to initial keep-probabilities (mask: the init mask itself; paper: sigmap; "
+                        "see docs/method.md)")
     s.add_argument("--init-batches", type=int, default=4, help="calibration batches for the initial metric")
     s.add_argument("--estimator", choices=ESTIMATORS, default="authors", help="gradient estimator")
     s.add_argument("--execution", choices=EXECUTIONS, default="gather",
