@@ -10,7 +10,9 @@ Two measurements at the same token budget per step (K samples x B sequences x T 
    is the number of authors' steps that buy the noise level of one step of estimator x (same
    tokens per step). Independent-sample estimators (authors, loo) share samples and losses.
 2. Short searches from the same init, one per estimator, with the same data order and seed:
-   held-out perplexity of the global top-k hard mask after ``--search-steps`` steps.
+   held-out perplexity of the global top-k hard mask after ``--search-steps`` steps. With
+   ``--trace-every N`` the hard mask is also evaluated every N steps, and each row records the
+   sample forwards it took to first reach each ``--target-ppl``; ``--seeds`` repeats every search.
 
     python bench/estimators.py --out docs/results/estimators.md
 """
@@ -29,7 +31,7 @@ import torch
 import torch_pruning
 import transformers
 
-from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, hard_masks
+from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, UnitScores, hard_masks
 from pg_pruning_plugin.data import calibration_blocks, source_blocks
 from pg_pruning_plugin.evaluation import perplexity_on_blocks
 from pg_pruning_plugin.models import load_model
@@ -103,12 +105,19 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=32, help="held-out 128-token windows (wiki-vital eval)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--searches", nargs="*", default=[f"{e}:{k}:{b}" for e, k, b in SEARCHES],
-                   help="searches to run, as estimator:K:B")
+                   help="searches to run, as estimator:K:B or estimator:K:B:lr")
+    p.add_argument("--init-mapping", default="sigmap", help="metric -> initial probabilities (policy.INIT_MAPPINGS)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="search seeds (default: --seed)")
+    p.add_argument("--trace-every", type=int, default=0, help="evaluate the hard mask every N steps (0: only at the end)")
+    p.add_argument("--target-ppl", type=float, nargs="*", default=[],
+                   help="report the sample forwards to first reach each held-out PPL (needs --trace-every)")
     p.add_argument("--skip-noise", action="store_true", help="only run the searches")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", type=Path, default=Path("docs/results/estimators.json"))
     p.add_argument("--out", type=Path, default=Path("docs/results/estimators.md"))
     args = p.parse_args()
+    if args.target_ppl and not args.trace_every:
+        p.error("--target-ppl needs --trace-every N (the hard mask is only evaluated every N steps)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -118,12 +127,14 @@ def main() -> None:
     n_blocks = 4 * max(args.steps, args.search_steps)
     calib = calibration_blocks(tok, seq_len=128, num_blocks=n_blocks, seed=args.seed)
     held_out = source_blocks(tok, "wiki-vital", "eval", 128, max_blocks=args.eval_windows)
-    base = SearchConfig(sparsity=args.sparsity, steps=1, init_batches=args.init_batches, seed=args.seed, batch_size=4)
+    base = SearchConfig(sparsity=args.sparsity, steps=1, init_batches=args.init_batches, seed=args.seed, batch_size=4,
+                        init_mapping=args.init_mapping)
     probs = PolicyGradientSearch(model, calib, base).initial_probabilities(progress=False)
     init_ppl = heldout_ppl(model, space, hard_masks(probs, space, base), held_out)
     logging.info("init hard-mask held-out ppl %.2f", init_ppl)
 
     blob = {"command": "python " + " ".join(sys.argv), "sparsity": args.sparsity, "init_ppl": init_ppl,
+            "init_mapping": args.init_mapping,
             "eval_windows": args.eval_windows,
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
             "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
@@ -142,17 +153,30 @@ def main() -> None:
         save(noise=noise)
 
     searches = []
-    for estimator, k, b in (spec.split(":") for spec in args.searches):
-        k, b = int(k), int(b)
-        config = SearchConfig(sparsity=args.sparsity, steps=args.search_steps, lr=args.lr, batch_size=b,
-                              samples_per_step=k, estimator=estimator, execution="gather", seed=args.seed)
+    for spec, seed in ((s, seed) for s in args.searches for seed in args.seeds or [args.seed]):
+        estimator, k, b, *lr = spec.split(":")
+        k, b, lr = int(k), int(b), float(lr[0]) if lr else args.lr
+        config = SearchConfig(sparsity=args.sparsity, steps=args.search_steps, lr=lr, batch_size=b,
+                              samples_per_step=k, estimator=estimator, execution="gather", seed=seed)
         blocks = torch.cat([calib[4 * t:4 * t + b] for t in range(args.search_steps)])  # same data order
-        result = PolicyGradientSearch(model, blocks, config, init_scores=probs).run(progress=False)
-        row = {"estimator": estimator, "K": k, "B": b, "steps": args.search_steps, "lr": args.lr,
+        trace = []  # (sample forwards so far, held-out PPL of the current hard mask)
+        eval_seconds = [0.0]
+
+        def evaluate(step: int, state: dict) -> None:
+            if args.trace_every and (step + 1) % args.trace_every == 0:
+                tic = time.perf_counter()
+                masks = hard_masks(UnitScores(attn=state["attn"], mlp=state["mlp"]), space, config)
+                trace.append(((step + 1) * k, heldout_ppl(model, space, masks, held_out)))
+                eval_seconds[0] += time.perf_counter() - tic
+
+        result = PolicyGradientSearch(model, blocks, config, init_scores=probs).run(progress=False, on_step=evaluate)
+        row = {"estimator": estimator, "K": k, "B": b, "steps": args.search_steps, "lr": lr, "seed": seed,
                "forwards": args.search_steps * k, "ppl": heldout_ppl(model, space, result.masks, held_out),
                "flipped_mlp": int((result.masks.mlp != hard_masks(probs, space, config).mlp).sum()),
                "first_loss": sum(result.history["loss"][:5]) / 5, "last_loss": sum(result.history["loss"][-5:]) / 5,
-               "seconds": result.seconds}
+               "seconds": result.seconds - eval_seconds[0], "trace": trace,
+               "forwards_to_target": {str(target): next((f for f, ppl in trace if ppl <= target), None)
+                                      for target in args.target_ppl}}
         logging.info("search %s", json.dumps(row))
         searches.append(row)
         save(searches=searches)
