@@ -160,21 +160,22 @@ def main() -> None:
                               samples_per_step=k, estimator=estimator, execution="gather", seed=seed)
         blocks = torch.cat([calib[4 * t:4 * t + b] for t in range(args.search_steps)])  # same data order
         trace = []  # (sample forwards so far, held-out PPL of the current hard mask)
-        eval_seconds = [0.0]
+        eval_seconds = 0.0
 
         def evaluate(step: int, state: dict) -> None:
+            nonlocal eval_seconds
             if args.trace_every and (step + 1) % args.trace_every == 0:
                 tic = time.perf_counter()
                 masks = hard_masks(UnitScores(attn=state["attn"], mlp=state["mlp"]), space, config)
                 trace.append(((step + 1) * k, heldout_ppl(model, space, masks, held_out)))
-                eval_seconds[0] += time.perf_counter() - tic
+                eval_seconds += time.perf_counter() - tic
 
         result = PolicyGradientSearch(model, blocks, config, init_scores=probs).run(progress=False, on_step=evaluate)
         row = {"estimator": estimator, "K": k, "B": b, "steps": args.search_steps, "lr": lr, "seed": seed,
                "forwards": args.search_steps * k, "ppl": heldout_ppl(model, space, result.masks, held_out),
                "flipped_mlp": int((result.masks.mlp != hard_masks(probs, space, config).mlp).sum()),
                "first_loss": sum(result.history["loss"][:5]) / 5, "last_loss": sum(result.history["loss"][-5:]) / 5,
-               "seconds": result.seconds - eval_seconds[0], "trace": trace,
+               "seconds": result.seconds - eval_seconds, "trace": trace,
                "forwards_to_target": {str(target): next((f for f, ppl in trace if ppl <= target), None)
                                       for target in args.target_ppl}}
         logging.info("search %s", json.dumps(row))
