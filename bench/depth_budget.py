@@ -34,12 +34,12 @@ import torch_pruning
 import transformers
 
 from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, UnitScores, masked
-from pg_pruning_plugin.baselines import block_influence_masks, layer_influence_masks
-from pg_pruning_plugin.budget import budget_accounting
-from pg_pruning_plugin.data import calibration_blocks, source_blocks
-from pg_pruning_plugin.evaluation import perplexity_on_blocks
-from pg_pruning_plugin.metrics import block_influence
-from pg_pruning_plugin.models import load_model
+from pg_pruning_plugin.scoring.baselines import block_influence_masks, layer_influence_masks
+from pg_pruning_plugin.search.budget import budget_accounting
+from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
+from pg_pruning_plugin.evaluation.perplexity import perplexity_on_blocks
+from pg_pruning_plugin.scoring.metrics import block_influence
+from pg_pruning_plugin.resources.models import load_model
 
 SEARCHES = {  # label -> SearchConfig overrides
     "width, separate budgets (paper)": {},

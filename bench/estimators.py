@@ -32,12 +32,12 @@ import torch_pruning
 import transformers
 
 from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, UnitScores, hard_masks
-from pg_pruning_plugin.data import calibration_blocks, source_blocks
-from pg_pruning_plugin.evaluation import perplexity_on_blocks
-from pg_pruning_plugin.models import load_model
-from pg_pruning_plugin.policy import policy_gradient, sample_masks
-from pg_pruning_plugin.search import sample_losses
-from pg_pruning_plugin.subnetwork import subnetwork
+from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
+from pg_pruning_plugin.evaluation.perplexity import perplexity_on_blocks
+from pg_pruning_plugin.resources.models import load_model
+from pg_pruning_plugin.search.policy import policy_gradient, sample_masks
+from pg_pruning_plugin.search.loop import sample_losses
+from pg_pruning_plugin.core.subnetwork import subnetwork
 
 # (sampling, K, B, estimators computed from those samples)
 SAMPLINGS = [("independent", 2, 4, ("authors", "loo")), ("antithetic", 2, 4, ("antithetic",)),

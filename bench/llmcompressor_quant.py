@@ -27,9 +27,9 @@ import torch
 from transformers import AutoTokenizer
 
 from pg_pruning_plugin import load_pruned
-from pg_pruning_plugin.evaluation import perplexity
+from pg_pruning_plugin.evaluation.perplexity import perplexity
 from pg_pruning_plugin.integrations.llmcompressor import REPORT_FILE
-from pg_pruning_plugin.models import resolve_model_dir
+from pg_pruning_plugin.resources.models import resolve_model_dir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # Both runs use the paper's global budget (SmolLM2 has 3 KV groups per layer, so a uniform 30 % keeps

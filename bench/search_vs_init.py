@@ -23,9 +23,9 @@ import transformers
 import torch_pruning
 
 from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, hard_masks, masked
-from pg_pruning_plugin.data import calibration_blocks, source_blocks
-from pg_pruning_plugin.evaluation import perplexity_on_blocks
-from pg_pruning_plugin.models import load_model
+from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
+from pg_pruning_plugin.evaluation.perplexity import perplexity_on_blocks
+from pg_pruning_plugin.resources.models import load_model
 
 
 def masked_ppl(model, space, masks, blocks) -> float:

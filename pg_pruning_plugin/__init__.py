@@ -11,12 +11,12 @@ Importing the package also registers ``PolicyGradientPruningModifier`` with llmc
 ``ModifierFactory`` when llmcompressor is installed, so YAML recipes can name it.
 """
 
-from .architectures import ARCHITECTURES, SearchSpace, UnsupportedArchitectureError
-from .checkpoint import load_pruned, save_pruned
-from .masking import UnitMasks, masked
-from .metrics import METRICS, UnitScores, compute_metric
-from .removal import prune_model
-from .search import PolicyGradientSearch, ResumeError, SearchConfig, SearchResult, hard_masks
+from .core.architectures import ARCHITECTURES, SearchSpace, UnsupportedArchitectureError
+from .core.checkpoint import load_pruned, save_pruned
+from .core.masking import UnitMasks, masked
+from .scoring.metrics import METRICS, UnitScores, compute_metric
+from .core.removal import prune_model
+from .search.loop import PolicyGradientSearch, ResumeError, SearchConfig, SearchResult, hard_masks
 
 __version__ = "0.1.0"
 

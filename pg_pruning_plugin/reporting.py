@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch.nn as nn
 
-from .architectures import SearchSpace
+from .core.architectures import SearchSpace
 
 __all__ = ["count_parameters", "layer_table", "plot_layer_widths"]
 

@@ -24,12 +24,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from pg_pruning_plugin.architectures import SearchSpace
-from pg_pruning_plugin.checkpoint import load_pruned, save_pruned
+from pg_pruning_plugin.core.architectures import SearchSpace
+from pg_pruning_plugin.core.checkpoint import load_pruned, save_pruned
 from pg_pruning_plugin.integrations.torch_pruning import PolicyGradientImportance, build_pruner
-from pg_pruning_plugin.masking import UnitMasks, masked
-from pg_pruning_plugin.metrics import UnitScores
-from pg_pruning_plugin.search import SearchConfig, SearchResult, hard_masks
+from pg_pruning_plugin.core.masking import UnitMasks, masked
+from pg_pruning_plugin.scoring.metrics import UnitScores
+from pg_pruning_plugin.search.loop import SearchConfig, SearchResult, hard_masks
 from tests.tiny_models import tiny_model
 
 _SLIDING = dict(sliding_window=4)  # shorter than the test sequences, so the windows matter
@@ -223,7 +223,7 @@ def test_uniform_checkpoints_load_in_stock_transformers(out_root):
 @pytest.mark.real_model
 def test_smollm2_real_weights(tmp_path):
     """The matrix checks once on SmolLM2-135M (30 layers, 9 q / 3 KV heads, 1536 channels)."""
-    from pg_pruning_plugin.models import load_model
+    from pg_pruning_plugin.resources.models import load_model
 
     original, tokenizer = load_model()
     ids = torch.tensor([tokenizer("The pruned model must compute the same logits as the masked one.")["input_ids"]])

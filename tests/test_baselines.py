@@ -11,11 +11,11 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from pg_pruning_plugin import SearchSpace, UnitMasks, compute_metric, load_pruned, masked, prune_model, save_pruned
-from pg_pruning_plugin.architectures import decoder_layers
-from pg_pruning_plugin.baselines import (BASELINES, apply_biases, baseline_masks, flap_statistics, select_units,
+from pg_pruning_plugin.core.architectures import decoder_layers
+from pg_pruning_plugin.scoring.baselines import (BASELINES, apply_biases, baseline_masks, flap_statistics, select_units,
                                          taylor_scores)
-from pg_pruning_plugin.policy import top_k_mask
-from pg_pruning_plugin.removal import dependency_graph
+from pg_pruning_plugin.search.policy import top_k_mask
+from pg_pruning_plugin.core.removal import dependency_graph
 from tests.tiny_models import tiny_model
 
 
@@ -190,7 +190,7 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     import json
 
     from pg_pruning_plugin.cli import main
-    from pg_pruning_plugin.models import load_tokenizer
+    from pg_pruning_plugin.resources.models import load_tokenizer
 
     tok = load_tokenizer()
     model_dir = tmp_path / "tiny"

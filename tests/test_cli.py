@@ -66,7 +66,7 @@ def test_prune_with_blocks_and_a_parameter_target(tmp_path, capsys):
     import torch
 
     from pg_pruning_plugin import load_pruned
-    from pg_pruning_plugin.models import load_tokenizer
+    from pg_pruning_plugin.resources.models import load_tokenizer
     from pg_pruning_plugin.reporting import count_parameters
     from tests.tiny_models import tiny_model
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from pg_pruning_plugin import data
-from pg_pruning_plugin.models import load_tokenizer
+from pg_pruning_plugin.resources import text as data
+from pg_pruning_plugin.resources.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ from transformers import AutoModelForCausalLM
 
 from pg_pruning_plugin import (PolicyGradientSearch, SearchConfig, SearchResult, SearchSpace, UnitMasks, UnitScores,
                                load_pruned, masked, prune_model, save_pruned)
-from pg_pruning_plugin.budget import (BudgetError, budget_accounting, cost_mask, expected_cost, format_accounting,
+from pg_pruning_plugin.search.budget import (BudgetError, budget_accounting, cost_mask, expected_cost, format_accounting,
                                       project_to_cost, unit_costs)
-from pg_pruning_plugin.metrics import block_influence
-from pg_pruning_plugin.removal import RemovedAttention, RemovedMLP
+from pg_pruning_plugin.scoring.metrics import block_influence
+from pg_pruning_plugin.core.removal import RemovedAttention, RemovedMLP
 from tests.tiny_models import ARCH_CASES, tiny_model
 
 
@@ -204,8 +204,8 @@ def test_bad_budgets_are_refused_before_the_search(llama):
 
 
 def test_block_influence_baselines_remove_the_least_influential_blocks(llama):
-    from pg_pruning_plugin.baselines import block_influence_masks, layer_influence_masks
-    from pg_pruning_plugin.metrics import BlockInfluence
+    from pg_pruning_plugin.scoring.baselines import block_influence_masks, layer_influence_masks
+    from pg_pruning_plugin.scoring.metrics import BlockInfluence
 
     space = SearchSpace.from_model(llama)
     influence = BlockInfluence(torch.tensor([0.3, 0.1, 0.2]), torch.tensor([0.05, 0.4, 0.3]),

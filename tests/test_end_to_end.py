@@ -7,7 +7,7 @@ import torch
 
 from pg_pruning_plugin import SearchResult, SearchSpace, UnitMasks, load_pruned, masked
 from pg_pruning_plugin.cli import main
-from pg_pruning_plugin.models import load_model
+from pg_pruning_plugin.resources.models import load_model
 
 pytestmark = pytest.mark.real_model
 

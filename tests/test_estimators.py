@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitScores
-from pg_pruning_plugin.policy import (ESTIMATORS, antithetic_gradient, estimate_gradient, policy_gradient,
+from pg_pruning_plugin.search.policy import (ESTIMATORS, antithetic_gradient, estimate_gradient, policy_gradient,
                                       sample_masks, usable_samples)
 from tests.tiny_models import tiny_model
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pg_pruning_plugin import data, evaluation
-from pg_pruning_plugin.models import load_tokenizer
+from pg_pruning_plugin.evaluation import perplexity as evaluation
+from pg_pruning_plugin.resources import text as data
+from pg_pruning_plugin.resources.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from pg_pruning_plugin import SearchSpace, UnitScores, prune_model, save_pruned
-from pg_pruning_plugin.export import (NODE_LLAMA_CPP_ENV, NODE_LLAMA_CPP_VERSION, compare_with_llama_cpp, export_gguf,
+from pg_pruning_plugin.export.gguf import (NODE_LLAMA_CPP_ENV, NODE_LLAMA_CPP_VERSION, compare_with_llama_cpp, export_gguf,
                                       find_node_llama_cpp, permute_for_llama_cpp_rope)
-from pg_pruning_plugin.models import load_tokenizer
+from pg_pruning_plugin.resources.models import load_tokenizer
 from tests.tiny_models import random_masks, tiny_model
 
 RUNTIME = find_node_llama_cpp()
@@ -201,7 +201,7 @@ def test_cli_verify(tok, tmp_path, capsys):
 @needs_llama_cpp
 @pytest.mark.real_model
 def test_llama_cpp_matches_transformers_on_pruned_smollm2(tmp_path):
-    from pg_pruning_plugin.models import load_model
+    from pg_pruning_plugin.resources.models import load_model
 
     model, tok = load_model()
     space = SearchSpace.from_model(model)

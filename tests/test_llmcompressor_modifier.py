@@ -26,11 +26,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFa
 import pg_pruning_plugin
 from pg_pruning_plugin import (ResumeError, SearchConfig, SearchResult, SearchSpace, UnitScores,
                                UnsupportedArchitectureError, load_pruned, prune_model)
-from pg_pruning_plugin.budget import BudgetError
+from pg_pruning_plugin.search.budget import BudgetError
 from pg_pruning_plugin.cli import main
 from pg_pruning_plugin.cli.recipe import recipe_text
-from pg_pruning_plugin.removal import RemovedAttention, RemovedMLP
-from pg_pruning_plugin.integrations import llmcompressor as plugin
+from pg_pruning_plugin.core.removal import RemovedAttention, RemovedMLP
+from pg_pruning_plugin.integrations.llmcompressor import modifier as plugin
 from pg_pruning_plugin.integrations.llmcompressor import PolicyGradientPruningModifier, RecipeOrderError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -336,7 +336,7 @@ def test_write_pruned_config_restores_layer_count(deep_dir, tmp_path):
 
 def test_registered_by_importing_the_package():
     assert ModifierFactory._registered_registry["PolicyGradientPruningModifier"] is PolicyGradientPruningModifier
-    assert pg_pruning_plugin.integrations.llmcompressor is plugin
+    assert pg_pruning_plugin.integrations.llmcompressor.modifier is plugin
 
 
 def test_misspelled_field_names_the_field():

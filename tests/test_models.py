@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pg_pruning_plugin import assets, models
+from pg_pruning_plugin.resources import assets, models
 
 
 def test_cache_dir_env(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pg_pruning_plugin.policy import EPS, estimate_gradient, project_pools, project_to_budget, scores_from_metric, top_k_mask
+from pg_pruning_plugin.search.policy import EPS, estimate_gradient, project_pools, project_to_budget, scores_from_metric, top_k_mask
 
 
 def test_estimator_matches_the_authors_formula_term_by_term():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pg_pruning_plugin import PolicyGradientSearch, ResumeError, SearchConfig, SearchSpace, UnitMasks, UnitScores, masked
-from pg_pruning_plugin.search import sample_losses
+from pg_pruning_plugin.search.loop import sample_losses
 from tests.tiny_models import ARCH_CASES, random_masks, tiny_model
 
 

@@ -9,8 +9,8 @@ import torch
 from tests.tiny_models import ARCH_CASES, tiny_model
 
 from pg_pruning_plugin import SearchSpace, UnitMasks, masked
-from pg_pruning_plugin.search import PolicyGradientSearch, SearchConfig, sample_losses
-from pg_pruning_plugin.subnetwork import subnetwork
+from pg_pruning_plugin.search.loop import PolicyGradientSearch, SearchConfig, sample_losses
+from pg_pruning_plugin.core.subnetwork import subnetwork
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -138,7 +138,7 @@ def test_config_validates_execution():
 
 
 def test_bench_command_measures_and_reports(tmp_path, monkeypatch, capsys):
-    from pg_pruning_plugin import benchmarking
+    from pg_pruning_plugin.evaluation import speed as benchmarking
     from pg_pruning_plugin.cli import main
 
     monkeypatch.setitem(benchmarking.SHAPES, "tiny", dict(

@@ -18,9 +18,9 @@ import torch
 import torch_pruning as tp
 from transformers import LlamaForCausalLM
 
-from pg_pruning_plugin.architectures import SearchSpace
-from pg_pruning_plugin.budget import unit_costs
-from pg_pruning_plugin.checkpoint import load_pruned, save_pruned
+from pg_pruning_plugin.core.architectures import SearchSpace
+from pg_pruning_plugin.search.budget import unit_costs
+from pg_pruning_plugin.core.checkpoint import load_pruned, save_pruned
 from pg_pruning_plugin.integrations.torch_pruning import (
     GroupLayoutError,
     PolicyGradientImportance,
@@ -30,10 +30,10 @@ from pg_pruning_plugin.integrations.torch_pruning import (
     tracing_inputs,
     tracing_mode,
 )
-from pg_pruning_plugin.masking import UnitMasks, masked
-from pg_pruning_plugin.metrics import UnitScores
-from pg_pruning_plugin.removal import RemovedAttention, RemovedMLP, dependency_graph, prune_model
-from pg_pruning_plugin.search import PolicyGradientSearch, SearchConfig, SearchResult, hard_masks
+from pg_pruning_plugin.core.masking import UnitMasks, masked
+from pg_pruning_plugin.scoring.metrics import UnitScores
+from pg_pruning_plugin.core.removal import RemovedAttention, RemovedMLP, dependency_graph, prune_model
+from pg_pruning_plugin.search.loop import PolicyGradientSearch, SearchConfig, SearchResult, hard_masks
 from tests.test_architectures_matrix import synthetic_result
 from tests.tiny_models import tiny_model
 

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "handler", None) is None:
         parser.print_help()
         return 2
-    from ..data import TextSourceUnavailable
+    from ..resources.text import TextSourceUnavailable
 
     try:
         return args.handler(args)

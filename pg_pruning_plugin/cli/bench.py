@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..benchmarking import SHAPES, build_model, inference_speed, search_memory, search_speed
-from ..checkpoint import write_atomic
+from ..evaluation.speed import SHAPES, build_model, inference_speed, search_memory, search_speed
+from ..core.checkpoint import write_atomic
 
 NAME = "bench"
 HELP = "measure search throughput and memory, and prefill/decode speed of pruned models; write speed.md"

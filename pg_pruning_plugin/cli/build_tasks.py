@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import KNOWN_TASKS, build_offline_tasks
+    from ..evaluation.perplexity import KNOWN_TASKS, build_offline_tasks
 
     out = build_offline_tasks(args.out, tuple(args.tasks) if args.tasks else KNOWN_TASKS)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import write_atomic
+from ..core.checkpoint import write_atomic
 
 NAME = "compare"
 HELP = "compare baselines (random, magnitude, Wanda-sp, FLAP, Taylor) and the search; write quality.md"
@@ -57,9 +57,9 @@ LABELS = {
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..baselines import BASELINES
-    from ..data import DEFAULT_TEXT
-    from ..models import DEFAULT_MODEL
+    from ..scoring.baselines import BASELINES
+    from ..resources.text import DEFAULT_TEXT
+    from ..resources.models import DEFAULT_MODEL
 
     methods = (*BASELINES, *SEARCH_METHODS)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model (default {DEFAULT_MODEL}, embedded)")
@@ -177,7 +177,7 @@ def _settings(args: argparse.Namespace, tasks: tuple[str, ...]) -> dict:
 
 def _check(args: argparse.Namespace) -> tuple[str, ...]:
     """Validate everything cheap before loading; returns the zero-shot task names (empty: skipped)."""
-    from ..evaluation import KNOWN_TASKS, PAPER_TASKS, _offline_manifest, default_tasks_dir, hub_reachable
+    from ..evaluation.perplexity import KNOWN_TASKS, PAPER_TASKS, _offline_manifest, default_tasks_dir, hub_reachable
 
     if any(not 0 < r < 1 for r in args.ratios):
         raise ValueError(f"--ratios {args.ratios}: each must be in (0, 1)")
@@ -205,8 +205,8 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _evaluate(net, tokenizer, blocks128, blocks2048, tasks, args) -> dict:
-    from ..architectures import SearchSpace
-    from ..evaluation import perplexity_on_blocks, zero_shot
+    from ..core.architectures import SearchSpace
+    from ..evaluation.perplexity import perplexity_on_blocks, zero_shot
     from ..reporting import count_parameters
 
     space = SearchSpace.from_model(net)
@@ -225,8 +225,8 @@ def _evaluate(net, tokenizer, blocks128, blocks2048, tasks, args) -> dict:
 
 def _select(method: str, ratio: float, model, blocks, batches, args, cache: dict):
     """``(masks, biases, info)`` of one method at one ratio."""
-    from ..baselines import baseline_masks
-    from ..search import PolicyGradientSearch, SearchConfig
+    from ..scoring.baselines import baseline_masks
+    from ..search.loop import PolicyGradientSearch, SearchConfig
 
     if method in SEARCH_METHODS:
         per_epoch = len(batches)
@@ -245,11 +245,11 @@ def _select(method: str, ratio: float, model, blocks, batches, args, cache: dict
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..architectures import SearchSpace
-    from ..baselines import apply_biases
-    from ..data import calibration_blocks, source_blocks
-    from ..models import load_model
-    from ..removal import prune_model
+    from ..core.architectures import SearchSpace
+    from ..scoring.baselines import apply_biases
+    from ..resources.text import calibration_blocks, source_blocks
+    from ..resources.models import load_model
+    from ..core.removal import prune_model
 
     tasks = _check(args)
     settings = _settings(args, tasks)

@@ -14,8 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..data import DEFAULT_TEXT
-    from ..models import DEFAULT_MODEL
+    from ..resources.text import DEFAULT_TEXT
+    from ..resources.models import DEFAULT_MODEL
 
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"model: {DEFAULT_MODEL!r} (default), HF directory, .gguf file, Hub id, "
@@ -50,13 +50,13 @@ def _is_pruned_checkpoint(path: Path) -> bool:
 
 def load_for_eval(spec: str, dtype: str = "float32", device: str = "cpu"):
     """``(model, tokenizer)``: a pruned checkpoint via ``checkpoint.load_pruned``, anything else via ``load_model``."""
-    from ..models import as_dtype, load_model
+    from ..resources.models import as_dtype, load_model
 
     path = Path(spec).expanduser()
     if path.is_dir() and _is_pruned_checkpoint(path):
         from transformers import AutoTokenizer
 
-        from ..checkpoint import load_pruned
+        from ..core.checkpoint import load_pruned
 
         model = load_pruned(path, dtype=as_dtype(dtype)).to(device)
         return model, AutoTokenizer.from_pretrained(path)
@@ -64,7 +64,7 @@ def load_for_eval(spec: str, dtype: str = "float32", device: str = "cpu"):
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import PAPER_TASKS, format_zero_shot, perplexity, zero_shot
+    from ..evaluation.perplexity import PAPER_TASKS, format_zero_shot, perplexity, zero_shot
 
     model, tokenizer = load_for_eval(args.model, args.dtype, args.device)
     results: dict = {"model": args.model, "perplexity": []}

@@ -20,7 +20,7 @@ DEFAULT_PROMPT = "The capital of France is"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..export import GGUF_DTYPES
+    from ..export.gguf import GGUF_DTYPES
 
     parser.add_argument("model_dir", type=Path, help="directory written by pg-prune prune / save_pruned, or an HF "
                                                      "Llama / Mistral / Qwen2 checkpoint")
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import (NODE_LLAMA_CPP_ENV, NODE_LLAMA_CPP_VERSION, compare_with_llama_cpp, export_gguf,
+    from ..export.gguf import (NODE_LLAMA_CPP_ENV, NODE_LLAMA_CPP_VERSION, compare_with_llama_cpp, export_gguf,
                           find_node_llama_cpp, load_model_dir)
 
     if not args.model_dir.is_dir():

@@ -16,17 +16,17 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from ..architectures import SearchSpace, architecture_of
-from ..budget import GRANULARITIES, budget_accounting, format_accounting, sparsity_for_parameters, unit_costs
-from ..checkpoint import check_output_dir, save_pruned
-from ..data import DEFAULT_TEXT, calibration_blocks
-from ..evaluation import perplexity
-from ..metrics import METRICS
-from ..models import DEFAULT_MODEL, load_model, resolve_model_dir
-from ..removal import kept_space, prune_model
+from ..core.architectures import SearchSpace, architecture_of
+from ..search.budget import GRANULARITIES, budget_accounting, format_accounting, sparsity_for_parameters, unit_costs
+from ..core.checkpoint import check_output_dir, save_pruned
+from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..evaluation.perplexity import perplexity
+from ..scoring.metrics import METRICS
+from ..resources.models import DEFAULT_MODEL, load_model, resolve_model_dir
+from ..core.removal import kept_space, prune_model
 from ..reporting import count_parameters, layer_table, plot_curves, plot_layer_widths
-from ..policy import ESTIMATORS, INIT_MAPPINGS
-from ..search import EXECUTIONS, PolicyGradientSearch, SearchConfig
+from ..search.policy import ESTIMATORS, INIT_MAPPINGS
+from ..search.loop import EXECUTIONS, PolicyGradientSearch, SearchConfig
 
 NAME = "prune"
 HELP = "learn which KV groups, MLP channels (and whole blocks) to remove with the policy-gradient search, then remove them"

@@ -19,10 +19,10 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..architectures import SearchSpace, architecture_of
-from ..checkpoint import atomic_directory, check_output_dir
-from ..data import DEFAULT_TEXT, calibration_blocks
-from ..models import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
+from ..core.architectures import SearchSpace, architecture_of
+from ..core.checkpoint import atomic_directory, check_output_dir
+from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..resources.models import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
 
 NAME = "recipe"
 HELP = "run an llmcompressor YAML recipe (e.g. recipes/pg_prune_gptq_w4a16_g64.yaml) on a model in one oneshot call"
@@ -98,8 +98,8 @@ def check_budgets(model_dir: str | os.PathLike, text: str) -> None:
     """
     from llmcompressor.recipe import Recipe
 
-    from ..integrations.llmcompressor import PolicyGradientPruningModifier
-    from ..search import cost_budget
+    from ..integrations.llmcompressor.modifier import PolicyGradientPruningModifier
+    from ..search.loop import cost_budget
 
     configs = [m.search_config() for m in Recipe.create_instance(text).modifiers
                if isinstance(m, PolicyGradientPruningModifier)]

@@ -52,10 +52,10 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from ..architectures import SearchSpace, decoder_layers
-from ..metrics import UnitScores
-from ..removal import GroupLayoutError, freeze_index_mappings, remove_blocks, tracing_mode, update_config
-from ..search import SearchResult
+from ...core.architectures import SearchSpace, decoder_layers
+from ...scoring.metrics import UnitScores
+from ...core.removal import GroupLayoutError, freeze_index_mappings, remove_blocks, tracing_mode, update_config
+from ...search.loop import SearchResult
 
 __all__ = [
     "GroupLayoutError",

@@ -42,11 +42,11 @@ from llmcompressor.modifiers import Modifier, ModifierFactory
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from pydantic import Field, PrivateAttr, create_model, model_validator
 
-from ..architectures import SearchSpace, architecture_of, decoder_layers
-from ..budget import budget_accounting, expected_cost, format_accounting
-from ..metrics import UnitScores
-from ..removal import kept_space, prune_model
-from ..search import PolicyGradientSearch, SearchConfig, SearchResult, cost_budget
+from ...core.architectures import SearchSpace, architecture_of, decoder_layers
+from ...search.budget import budget_accounting, expected_cost, format_accounting
+from ...scoring.metrics import UnitScores
+from ...core.removal import kept_space, prune_model
+from ...search.loop import PolicyGradientSearch, SearchConfig, SearchResult, cost_budget
 
 __all__ = ["PolicyGradientPruningModifier", "RecipeOrderError", "quantizable_masks", "search_batches", "write_pruned_config"]
 

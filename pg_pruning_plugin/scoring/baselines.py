@@ -51,9 +51,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .architectures import SearchSpace, decoder_layers
+from ..core.architectures import SearchSpace, decoder_layers
 from .metrics import BlockInfluence, UnitScores, _InputStats, compute_metric
-from .policy import top_k_mask
+from ..search.policy import top_k_mask
 
 __all__ = [
     "BASELINES",

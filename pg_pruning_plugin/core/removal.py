@@ -29,7 +29,7 @@ from torch_pruning import ops
 from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 
 from .architectures import LayerShape, SearchSpace, architecture_of, decoder_layers
-from .metrics import UnitScores
+from ..scoring.metrics import UnitScores
 
 __all__ = ["GroupLayoutError", "RemovedAttention", "RemovedMLP", "dependency_graph", "freeze_index_mappings",
            "kept_space", "prune_model", "remove_blocks", "update_config"]

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .architectures import SearchSpace, architecture_of, decoder_layers
+from ..core.architectures import SearchSpace, architecture_of, decoder_layers
 
 __all__ = ["GGUF_DTYPES", "GGUF_FAMILIES", "LlamaCppUnavailable", "compare_with_llama_cpp", "export_gguf",
            "find_node_llama_cpp", "gguf_layer_plan", "llama_cpp_greedy", "load_model_dir", "permute_for_llama_cpp_rope"]
@@ -344,7 +344,7 @@ def _smollm2_gguf_if_matching(tokenizer) -> Path | None:
     if tokenizer is None or _guess_pre(tokenizer, "") != "smollm":
         return None
     try:
-        from .assets import smollm2_gguf
+        from ..resources.assets import smollm2_gguf
 
         source = smollm2_gguf()
     except (RuntimeError, OSError) as exc:
@@ -370,7 +370,7 @@ def load_model_dir(model_or_dir, tokenizer=None):
 
     config = AutoConfig.from_pretrained(path)
     if getattr(config.get_text_config(), "pruned_layers", None):
-        from .checkpoint import load_pruned
+        from ..core.checkpoint import load_pruned
 
         model = load_pruned(path)
     else:
@@ -524,7 +524,7 @@ class LlamaCppUnavailable(RuntimeError):
 def find_node_llama_cpp() -> Path | None:
     """Folder whose ``node_modules/node-llama-cpp`` holds the runtime: ``$PG_PRUNING_NODE_LLAMA_CPP``, else
     ``<cache>/node-llama-cpp``; ``None`` when absent or when ``node`` is not on PATH."""
-    from .assets import cache_dir
+    from ..resources.assets import cache_dir
 
     env = os.environ.get(NODE_LLAMA_CPP_ENV)
     candidates = [Path(env).expanduser()] if env else [cache_dir() / "node-llama-cpp"]

@@ -32,14 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .architectures import ARCHITECTURES, LayerShape, SearchSpace
+from ..core.architectures import ARCHITECTURES, LayerShape, SearchSpace
 from .budget import (BLOCK_TYPES, COSTS, WIDTH_TYPES, BudgetError, check_custom_costs, cost_mask,
                      minimum_cost, project_to_cost, searched_types, unit_costs)
-from .masking import UnitMasks, masked
-from .metrics import METRICS, UnitScores, block_influence, compute_metric
+from ..core.masking import UnitMasks, masked
+from ..scoring.metrics import METRICS, UnitScores, block_influence, compute_metric
 from .policy import (ESTIMATORS, INIT_MAPPINGS, MASK_RULES, policy_gradient, project_pools, sample_masks,
                      scores_from_metric, top_k_mask, usable_samples)
-from .subnetwork import subnetwork
+from ..core.subnetwork import subnetwork
 
 __all__ = ["PolicyGradientSearch", "ResumeError", "SearchConfig", "SearchResult"]
 

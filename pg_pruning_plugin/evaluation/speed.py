@@ -30,14 +30,14 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .architectures import SearchSpace
-from .masking import UnitMasks, masked
-from .metrics import UnitScores
-from .policy import top_k_mask
-from .removal import prune_model
-from .reporting import count_parameters
-from .search import PolicyGradientSearch, SearchConfig, sample_losses
-from .subnetwork import subnetwork
+from ..core.architectures import SearchSpace
+from ..core.masking import UnitMasks, masked
+from ..scoring.metrics import UnitScores
+from ..search.policy import top_k_mask
+from ..core.removal import prune_model
+from ..reporting import count_parameters
+from ..search.loop import PolicyGradientSearch, SearchConfig, sample_losses
+from ..core.subnetwork import subnetwork
 
 __all__ = ["SHAPES", "build_model", "inference_speed", "search_memory", "search_speed", "timed"]
 
@@ -70,7 +70,7 @@ def build_model(model: str | None, shape: str | dict | None, device: str,
         with torch.device(device):
             net = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
         return net.eval(), f"{shape if isinstance(shape, str) else 'custom'} shape, random weights"
-    from .models import load_model
+    from ..resources.models import load_model
 
     net, _ = load_model(model, dtype=dtype, device=device)
     return net, f"{model or 'smollm2-135m'} (real weights)"

@@ -23,9 +23,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .architectures import SearchSpace, decoder_layers
-from .masking import UnitMasks, masked
-from .policy import top_k_mask
+from ..core.architectures import SearchSpace, decoder_layers
+from ..core.masking import UnitMasks, masked
+from ..search.policy import top_k_mask
 
 __all__ = ["METRICS", "BlockInfluence", "UnitScores", "block_influence", "compute_metric"]
 
