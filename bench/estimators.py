@@ -14,7 +14,9 @@ Two measurements at the same token budget per step (K samples x B sequences x T 
    ``--trace-every N`` the hard mask is also evaluated every N steps, and each row records the
    sample forwards it took to first reach each ``--target-ppl``; ``--seeds`` repeats every search.
 
-    python bench/estimators.py --out docs/results/estimators.md
+Both parts are rows of one JSON record (``--json``; ``part`` is ``noise`` or ``search``).
+
+    python bench/estimators.py --json docs/results/estimators.json
 """
 
 from __future__ import annotations
@@ -22,22 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch_pruning
-import transformers
+from _common import ResultFile, command_line, masked_perplexity, settings_of
 
-from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, UnitScores, hard_masks
-from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
-from pg_pruning_plugin.evaluation.perplexity import perplexity_on_blocks
+from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitValues, hard_masks
 from pg_pruning_plugin.resources.models import load_model
-from pg_pruning_plugin.search.policy import policy_gradient, sample_masks
+from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
 from pg_pruning_plugin.search.loop import sample_losses
-from pg_pruning_plugin.core.subnetwork import subnetwork
+from pg_pruning_plugin.search.policy import ema_baseline, policy_gradient, sample_masks
 
 # (sampling, K, B, estimators computed from those samples)
 SAMPLINGS = [("independent", 2, 4, ("authors", "loo")), ("antithetic", 2, 4, ("antithetic",)),
@@ -46,8 +43,7 @@ SEARCHES = [("authors", 2, 4), ("antithetic", 2, 4), ("loo", 4, 2)]
 
 
 def heldout_ppl(model, space, masks, blocks) -> float:
-    with subnetwork(model, space, UnitMasks(masks.attn, masks.mlp)):
-        return perplexity_on_blocks(model, blocks, progress=False)[0]
+    return masked_perplexity(model, space, masks, blocks, execution="gather")
 
 
 @torch.no_grad()
@@ -63,16 +59,15 @@ def gradient_noise(model, space, probs, calib, steps: int, window: int, seed: in
             antithetic = sampling == "antithetic"
             m_attn = sample_masks(probs.attn, k, gen, antithetic)
             m_mlp = sample_masks(probs.mlp, k, gen, antithetic)
-            losses = sample_losses(model, space, batch, UnitMasks(m_attn, m_mlp), execution="gather")
-            mean = float(losses.mean())
-            baseline = mean if baseline is None else (1 - 1 / window) * baseline + mean / window
+            losses = sample_losses(model, space, batch, UnitValues(m_attn, m_mlp).as_masks(), execution="gather")
+            baseline = ema_baseline(baseline, float(losses.mean()), window)
             for e in estimators:
                 grads[e]["attn"].append(policy_gradient(e, losses, m_attn, probs.attn, baseline))
                 grads[e]["mlp"].append(policy_gradient(e, losses, m_mlp, probs.mlp, baseline))
         seconds = time.perf_counter() - start
         for e in estimators:
             scale = (k - 1 / window) / (k - 1) if e == "authors" else k / (k - 1)
-            row = {"estimator": e, "K": k, "B": b, "steps": steps, "seconds": seconds, "scale": scale}
+            row = {"part": "noise", "estimator": e, "K": k, "B": b, "steps": steps, "seconds": seconds, "scale": scale}
             for kind in ("attn", "mlp"):
                 g = torch.stack(grads[e][kind]).double()  # [steps, n]
                 row[f"{kind}_var"] = float(g.var(0, unbiased=True).sum())
@@ -95,8 +90,9 @@ def direction_agreement(rows: list[dict]) -> None:
         del r["attn_mean"], r["mlp_mean"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--sparsity", type=float, default=0.3)
     p.add_argument("--steps", type=int, default=20, help="steps per sampling scheme in the noise measurement")
     p.add_argument("--search-steps", type=int, default=20)
@@ -106,23 +102,23 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--searches", nargs="*", default=[f"{e}:{k}:{b}" for e, k, b in SEARCHES],
                    help="searches to run, as estimator:K:B or estimator:K:B:lr")
-    p.add_argument("--init-mapping", default="sigmap", help="metric -> initial probabilities (policy.INIT_MAPPINGS)")
+    p.add_argument("--init-mapping", default="sigmap", help="metric -> initial probabilities (search.init)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="search seeds (default: --seed)")
-    p.add_argument("--trace-every", type=int, default=0, help="evaluate the hard mask every N steps (0: only at the end)")
+    p.add_argument("--trace-every", type=int, default=0,
+                   help="evaluate the hard mask every N steps (0: only at the end)")
     p.add_argument("--target-ppl", type=float, nargs="*", default=[],
                    help="report the sample forwards to first reach each held-out PPL (needs --trace-every)")
     p.add_argument("--skip-noise", action="store_true", help="only run the searches")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--json", type=Path, default=Path("docs/results/estimators.json"))
-    p.add_argument("--out", type=Path, default=Path("docs/results/estimators.md"))
-    args = p.parse_args()
+    p.add_argument("--json", type=Path, required=True, help="JSON record of the measurements")
+    args = p.parse_args(argv)
     if args.target_ppl and not args.trace_every:
         p.error("--target-ppl needs --trace-every N (the hard mask is only evaluated every N steps)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
-    start = time.perf_counter()
+    results = ResultFile(args.json, settings_of(args, "json"), command_line(argv))
 
-    model, tok = load_model()
+    model, tok = load_model(args.model)
     space = SearchSpace.from_model(model)
     n_blocks = 4 * max(args.steps, args.search_steps)
     calib = calibration_blocks(tok, seq_len=128, num_blocks=n_blocks, seed=args.seed)
@@ -130,58 +126,48 @@ def main() -> None:
     base = SearchConfig(sparsity=args.sparsity, steps=1, init_batches=args.init_batches, seed=args.seed, batch_size=4,
                         init_mapping=args.init_mapping)
     probs = PolicyGradientSearch(model, calib, base).initial_probabilities(progress=False)
-    init_ppl = heldout_ppl(model, space, hard_masks(probs, space, base), held_out)
-    logging.info("init hard-mask held-out ppl %.2f", init_ppl)
-
-    blob = {"command": "python " + " ".join(sys.argv), "sparsity": args.sparsity, "init_ppl": init_ppl,
-            "init_mapping": args.init_mapping,
-            "eval_windows": args.eval_windows,
-            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)",
-            "versions": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                        f"torch-pruning {torch_pruning.__version__}"}
-
-    def save(**parts) -> None:  # after each part, so an interrupted run keeps what it measured
-        blob.update(parts, seconds=time.perf_counter() - start)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(blob, indent=1))
-        tmp.replace(args.json)
+    results.data["init_ppl"] = heldout_ppl(model, space, hard_masks(probs, space, base), held_out)
+    logging.info("init hard-mask held-out ppl %.2f", results.data["init_ppl"])
+    results.save()
 
     if not args.skip_noise:
         noise = gradient_noise(model, space, probs, calib, args.steps, base.baseline_window, args.seed)
         direction_agreement(noise)
-        save(noise=noise)
+        for row in noise:
+            results.add(row)
 
-    searches = []
     for spec, seed in ((s, seed) for s in args.searches for seed in args.seeds or [args.seed]):
-        estimator, k, b, *lr = spec.split(":")
-        k, b, lr = int(k), int(b), float(lr[0]) if lr else args.lr
-        config = SearchConfig(sparsity=args.sparsity, steps=args.search_steps, lr=lr, batch_size=b,
-                              samples_per_step=k, estimator=estimator, execution="gather", seed=seed)
-        blocks = torch.cat([calib[4 * t:4 * t + b] for t in range(args.search_steps)])  # same data order
-        trace = []  # (sample forwards so far, held-out PPL of the current hard mask)
-        eval_seconds = 0.0
+        results.add(estimator_search(model, space, probs, calib, held_out, spec, seed, args))
+    logging.info("done in %.0f s; raw numbers in %s", results.data["wall_seconds"], args.json)
 
-        def evaluate(step: int, state: dict) -> None:
-            nonlocal eval_seconds
-            if args.trace_every and (step + 1) % args.trace_every == 0:
-                tic = time.perf_counter()
-                masks = hard_masks(UnitScores(attn=state["attn"], mlp=state["mlp"]), space, config)
-                trace.append(((step + 1) * k, heldout_ppl(model, space, masks, held_out)))
-                eval_seconds += time.perf_counter() - tic
 
-        result = PolicyGradientSearch(model, blocks, config, init_scores=probs).run(progress=False, on_step=evaluate)
-        row = {"estimator": estimator, "K": k, "B": b, "steps": args.search_steps, "lr": lr, "seed": seed,
-               "forwards": args.search_steps * k, "ppl": heldout_ppl(model, space, result.masks, held_out),
-               "flipped_mlp": int((result.masks.mlp != hard_masks(probs, space, config).mlp).sum()),
-               "first_loss": sum(result.history["loss"][:5]) / 5, "last_loss": sum(result.history["loss"][-5:]) / 5,
-               "seconds": result.seconds - eval_seconds, "trace": trace,
-               "forwards_to_target": {str(target): next((f for f, ppl in trace if ppl <= target), None)
-                                      for target in args.target_ppl}}
-        logging.info("search %s", json.dumps(row))
-        searches.append(row)
-        save(searches=searches)
-    logging.info("done in %.0f s; raw numbers in %s", blob["seconds"], args.json)
+def estimator_search(model, space, probs, calib, held_out, spec: str, seed: int, args) -> dict:
+    """One search of ``spec`` (``estimator:K:B[:lr]``) from ``probs``, with the held-out PPL of its hard mask."""
+    estimator, k, b, *lr = spec.split(":")
+    k, b, lr = int(k), int(b), float(lr[0]) if lr else args.lr
+    config = SearchConfig(sparsity=args.sparsity, steps=args.search_steps, lr=lr, batch_size=b,
+                          samples_per_step=k, estimator=estimator, execution="gather", seed=seed)
+    blocks = torch.cat([calib[4 * t:4 * t + b] for t in range(args.search_steps)])  # same data order
+    trace = []  # (sample forwards so far, held-out PPL of the current hard mask)
+    eval_seconds = 0.0
+
+    def evaluate(step: int, state) -> None:
+        nonlocal eval_seconds
+        if args.trace_every and (step + 1) % args.trace_every == 0:
+            tic = time.perf_counter()
+            trace.append(((step + 1) * k, heldout_ppl(model, space, hard_masks(state.probs, space, config), held_out)))
+            eval_seconds += time.perf_counter() - tic
+
+    result = PolicyGradientSearch(model, blocks, config, init_scores=probs).run(progress=False, on_step=evaluate)
+    row = {"part": "search", "estimator": estimator, "K": k, "B": b, "steps": args.search_steps, "lr": lr,
+           "seed": seed, "forwards": args.search_steps * k, "ppl": heldout_ppl(model, space, result.masks, held_out),
+           "flipped_mlp": int((result.masks.mlp != hard_masks(probs, space, config).mlp).sum()),
+           "first_loss": sum(result.history["loss"][:5]) / 5, "last_loss": sum(result.history["loss"][-5:]) / 5,
+           "seconds": result.seconds - eval_seconds, "trace": trace,
+           "forwards_to_target": {str(target): next((f for f, ppl in trace if ppl <= target), None)
+                                  for target in args.target_ppl}}
+    logging.info("search %s", json.dumps(row))
+    return row
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""SmolLM2-135M: policy-gradient pruning alone vs pruning then GPTQ W4A16 (group 64), through llmcompressor.
+"""SmolLM2-135M: policy-gradient pruning alone vs pruning then GPTQ W4A16 (group 64), through llmcompressor
+(docs/results/llmcompressor.md).
 
-Runs two recipes with ``pg-prune recipe`` (one ``oneshot`` each, in a subprocess, same search
-settings, data and seed, so both prune the same units), then measures for the dense model and both
-outputs: held-out perplexity (wiki-vital eval split, 128-token windows, batch protocol), the size of
-the checkpoint on disk, and the load time with ``pg_pruning_plugin.load_pruned`` (per-layer widths;
-fp32, decompressing the int4 weights). Writes
-``results.json`` and ``results.md`` under ``--out``.
+Runs two recipes with ``pg-prune recipe`` (one ``oneshot`` each, same search settings, data and seed,
+so both prune the same units; each run's log goes to ``OUT/<name>.log``), then measures for the dense
+model and both outputs: held-out perplexity (wiki-vital eval split, 128-token windows, batch protocol),
+the size of the checkpoint on disk, and the load time with ``pg_pruning_plugin.load_pruned``
+(per-layer widths; fp32, decompressing the int4 weights). Writes ``results.json`` (a record of rows)
+and ``results.md`` under ``--out``.
 
     python bench/llmcompressor_quant.py --steps 30 --num-samples 240 --eval-windows 256 --out runs/bench-llmc
 """
@@ -15,20 +16,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import statistics
-import subprocess
-import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from _common import ResultFile, command_line, machine_lines, markdown_table, settings_of
 from transformers import AutoTokenizer
 
 from pg_pruning_plugin import load_pruned
+from pg_pruning_plugin.cli import main as pg_prune
 from pg_pruning_plugin.evaluation.perplexity import perplexity
-from pg_pruning_plugin.integrations.llmcompressor import REPORT_FILE
+from pg_pruning_plugin.reporting import REPORT_FILE
+from pg_pruning_plugin.resources.files import write_atomic
 from pg_pruning_plugin.resources.models import resolve_model_dir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -40,11 +40,26 @@ VARIANTS = {
 }
 
 
-def recipe_command(recipe: str, overrides: list[str], args: argparse.Namespace, output: Path) -> list[str]:
-    cmd = [str(Path(sys.executable).parent / "pg-prune"), "recipe", str(RECIPES / recipe), "--model", args.model,
-           "--output", str(output), "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
-           "--overwrite", "--set", f"steps={args.steps}"]
+def recipe_arguments(recipe: str, overrides: list[str], args: argparse.Namespace, output: Path) -> list[str]:
+    cmd = ["recipe", str(RECIPES / recipe), "--model", args.model, "--output", str(output), "--num-samples",
+           str(args.num_samples), "--seq-len", str(args.seq_len), "--overwrite", "--set", f"steps={args.steps}"]
     return cmd + [x for o in overrides for x in ("--set", o)]
+
+
+def run_logged(argv: list[str], log: Path) -> None:
+    """``pg-prune ARGV`` in this process, its log records written to ``log``."""
+    handler = logging.FileHandler(log, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        if pg_prune(argv) != 0:
+            raise RuntimeError(f"pg-prune {' '.join(argv)} failed; see {log}")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def disk_mib(path: Path) -> dict[str, float]:
@@ -63,7 +78,7 @@ def load_seconds(path: Path, repeats: int) -> tuple[list[float], torch.nn.Module
     return times, model.eval()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--steps", type=int, default=30, help="search steps (the recipes ship 500)")
@@ -72,55 +87,48 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=256, help="held-out 128-token windows")
     p.add_argument("--load-repeats", type=int, default=3)
     p.add_argument("--reuse", action="store_true", help="evaluate existing outputs instead of re-running the recipes")
-    p.add_argument("--out", type=Path, default=Path("runs/bench-llmc"))
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, required=True, help="folder for the outputs, results.json and results.md")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
+    results = ResultFile(args.out / "results.json", settings_of(args, "out", "reuse"), command_line(argv))
 
     runs = {}
     for name, (recipe, overrides) in VARIANTS.items():
         output = args.out / name
-        cmd = recipe_command(recipe, overrides, args, output)
-        runs[name] = {"command": " ".join(["pg-prune", *cmd[1:]]), "recipe": recipe}
+        cmd = recipe_arguments(recipe, overrides, args, output)
+        runs[name] = {"command": " ".join(["pg-prune", *cmd]), "recipe": recipe}
         if args.reuse and (output / "config.json").is_file():
             continue
         start = time.perf_counter()
-        with open(args.out / f"{name}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+        run_logged(cmd, args.out / f"{name}.log")
         runs[name]["oneshot_seconds"] = time.perf_counter() - start
 
     dense_dir = Path(resolve_model_dir(args.model))
     tokenizer = AutoTokenizer.from_pretrained(dense_dir)
-    rows = {}
     for name, path in ({"dense": dense_dir} | {n: args.out / n for n in VARIANTS}).items():
         times, model = load_seconds(path, args.load_repeats)
         ppl = perplexity(model, tokenizer, "wiki-vital", seq_len=128, max_windows=args.eval_windows)
         report = json.loads((path / REPORT_FILE).read_text()) if (path / REPORT_FILE).is_file() else {}
-        rows[name] = {
-            **runs.get(name, {}), **disk_mib(path), "load_seconds": times,
+        results.add({
+            "name": name, **runs.get(name, {}), **disk_mib(path), "load_seconds": times,
             "load_seconds_median": statistics.median(times), "ppl": ppl.ppl, "eval": str(ppl),
             "parameters": sum(t.numel() for t in model.state_dict().values()),
             "kept_per_layer": report.get("kept_per_layer"), "effective": report.get("effective"),
-            "search_seconds": report.get("search_seconds"),
-        }
+            "search_seconds": (report.get("search") or {}).get("seconds"),
+        })
         del model
+    rows = {r["name"]: r for r in results.rows}
     same = rows["pg30"]["kept_per_layer"] == rows["pg30-w4a16-g64"]["kept_per_layer"]
-    meta = {
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}",
-        "versions": {k: version(k) for k in ("torch", "transformers", "llmcompressor", "compressed-tensors",
-                                             "torch-pruning")},
-        "steps": args.steps, "num_samples": args.num_samples, "seq_len": args.seq_len,
-        "eval_windows": args.eval_windows, "same_pruning_in_both_runs": same,
-    }
-    (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = ["| model | held-out PPL | weights on disk (MiB) | checkpoint total (MiB) | load time (s, median) |",
-             "|---|---|---|---|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['ppl']:.2f} | {r['weights_mib']:.1f} | {r['total_mib']:.1f} | "
-                     f"{r['load_seconds_median']:.2f} |")
-    text = "\n".join(lines) + f"\n\n{rows['dense']['eval']}; same pruning in both runs: {same}\n"
-    (args.out / "results.md").write_text(text)
-    print(json.dumps(meta, indent=2))
+    results.data["same_pruning_in_both_runs"] = same
+    results.save()
+    table = markdown_table(["model", "held-out PPL", "weights on disk (MiB)", "checkpoint total (MiB)",
+                            "load time (s, median)"],
+                           [[r["name"], f"{r['ppl']:.2f}", f"{r['weights_mib']:.1f}", f"{r['total_mib']:.1f}",
+                             f"{r['load_seconds_median']:.2f}"] for r in results.rows])
+    text = "\n".join([*table, "", f"{rows['dense']['eval']}; same pruning in both runs: "
+                      f"{results.data['same_pruning_in_both_runs']}", *machine_lines(results.data["machine"])])
+    write_atomic(args.out / "results.md", text + "\n")
     print(text)
 
 

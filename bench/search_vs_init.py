@@ -1,9 +1,12 @@
 """Held-out perplexity of the initial masks vs the mask after the policy-gradient search.
 
+Measured for docs/results/search_vs_init.md.
+
 Initial masks: the init metric's per-layer top-k (for ``--init wanda-sp`` this is the Wanda-sp
 method, and the authors' init mask) and the global top-k of the initial keep-probabilities (what
-the search would return after 0 steps). All masks are evaluated on the same model through the masked forward (identical to the
-physically pruned model, see tests/test_removal.py). Writes a markdown table to --out.
+the search would return after 0 steps). All masks are evaluated on the same model through the masked
+forward (identical to the physically pruned model, see tests/core/test_removal.py). Rows go to the
+JSON file beside ``--out``; the markdown table to ``--out``.
 
     python bench/search_vs_init.py --sparsity 0.3 0.5 --steps 300 --out docs/results/search_vs_init.md
 """
@@ -14,26 +17,18 @@ import argparse
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
-import torch
-import transformers
-import torch_pruning
+from _common import ResultFile, command_line, machine_lines, markdown_table, masked_perplexity, settings_of
 
-from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitMasks, hard_masks, masked
-from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
-from pg_pruning_plugin.evaluation.perplexity import perplexity_on_blocks
+from pg_pruning_plugin import PolicyGradientSearch, SearchConfig, SearchSpace, UnitValues, hard_masks
+from pg_pruning_plugin.resources.files import write_atomic
 from pg_pruning_plugin.resources.models import load_model
+from pg_pruning_plugin.resources.text import calibration_blocks, source_blocks
 
 
-def masked_ppl(model, space, masks, blocks) -> float:
-    with masked(model, space, UnitMasks(masks.attn, masks.mlp)):
-        return perplexity_on_blocks(model, blocks, progress=False)[0]
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--sparsity", type=float, nargs="+", default=[0.3, 0.5])
@@ -48,22 +43,24 @@ def main() -> None:
     p.add_argument("--max-epochs", type=int, default=1, help="passes allowed over the calibration blocks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, required=True, help="markdown table; the JSON record is written beside it")
+    args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    results = ResultFile(args.out.with_suffix(".json"), settings_of(args, "out"), command_line(argv), args.device)
 
     model, tok = load_model(args.model, device=args.device)
     space = SearchSpace.from_model(model)
     per_epoch = -(-args.steps // args.max_epochs) * args.batch_size
     calib = calibration_blocks(tok, seq_len=128, num_blocks=per_epoch, seed=args.seed)
     held_out = source_blocks(tok, "wiki-vital", "eval", 128, max_blocks=args.eval_windows)
-    dense = perplexity_on_blocks(model, held_out, progress=False)[0]
-    rows = []
+    results.data["dense_ppl"] = masked_perplexity(model, space, UnitValues.full(space, 1.0), held_out)
+    results.data["eval_windows"] = held_out.shape[0]
+    results.save()
     for sparsity in args.sparsity:
         for lr in args.lr:
             config = SearchConfig(sparsity=sparsity, steps=args.steps, lr=lr, batch_size=args.batch_size,
-                                  samples_per_step=args.samples, init=args.init, init_mapping=args.init_mapping, init_batches=args.init_batches,
-                                  max_epochs=args.max_epochs, seed=args.seed)
+                                  samples_per_step=args.samples, init=args.init, init_mapping=args.init_mapping,
+                                  init_batches=args.init_batches, max_epochs=args.max_epochs, seed=args.seed)
             search = PolicyGradientSearch(model, calib, config)
             init_probs = search.initial_probabilities(progress=False)
             uniform_init = hard_masks(init_probs, space, dataclasses.replace(config, global_budget=False))
@@ -71,34 +68,37 @@ def main() -> None:
             t = time.perf_counter()
             result = search.run()
             seconds = time.perf_counter() - t
+            expected_width = hard_masks(result.probs, space, dataclasses.replace(config, mask_rule="expected-width"))
             row = {
                 "sparsity": sparsity, "lr": lr, "steps": args.steps, "batch": args.batch_size, "K": args.samples,
-                "uniform_init_ppl": masked_ppl(model, space, uniform_init, held_out),
-                "init_ppl": masked_ppl(model, space, global_init, held_out),
-                "search_ppl": masked_ppl(model, space, result.masks, held_out),
-                "expected_width_ppl": masked_ppl(
-                    model, space, hard_masks(result.probs, space, dataclasses.replace(config, mask_rule="expected-width")),
-                    held_out),
+                "uniform_init_ppl": masked_perplexity(model, space, uniform_init, held_out),
+                "init_ppl": masked_perplexity(model, space, global_init, held_out),
+                "search_ppl": masked_perplexity(model, space, result.masks, held_out),
+                "expected_width_ppl": masked_perplexity(model, space, expected_width, held_out),
                 "search_seconds": seconds,
-                "first_loss": sum(result.history["loss"][:10]) / 10, "last_loss": sum(result.history["loss"][-10:]) / 10,
+                "first_loss": sum(result.history["loss"][:10]) / 10,
+                "last_loss": sum(result.history["loss"][-10:]) / 10,
             }
             logging.info("%s", json.dumps(row))
-            rows.append(row)
-    lines = [
-        f"dense held-out PPL: {dense:.2f} ({held_out.shape[0]} windows x 128 tokens, wiki-vital eval)", "",
-        "| removed (attn and MLP units) | lr | steps x batch x K | init metric, per-layer top-k | init probabilities, global top-k | after search, global top-k | after search, expected width | mean sample loss first/last 10 steps | search time |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['sparsity']:.0%} | {r['lr']:g} | {r['steps']} x {r['batch']} x {r['K']} | {r['uniform_init_ppl']:.2f} | {r['init_ppl']:.2f} | "
-                     f"{r['search_ppl']:.2f} | {r['expected_width_ppl']:.2f} | {r['first_loss']:.3f} / {r['last_loss']:.3f} | {r['search_seconds']:.0f} s |")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
-    lines += ["", f"command: `python {' '.join(sys.argv)}`", f"machine: {device}; "
-              f"torch {torch.__version__}, transformers {transformers.__version__}, torch-pruning {torch_pruning.__version__}"]
-    text = "\n".join(lines)
+            results.add(row)
+    text = "\n".join(report(results.data))
     print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_atomic(args.out, text + "\n")
+
+
+def report(data: dict) -> list[str]:
+    rows = [[f"{r['sparsity']:.0%}", f"{r['lr']:g}", f"{r['steps']} x {r['batch']} x {r['K']}",
+             f"{r['uniform_init_ppl']:.2f}", f"{r['init_ppl']:.2f}", f"{r['search_ppl']:.2f}",
+             f"{r['expected_width_ppl']:.2f}", f"{r['first_loss']:.3f} / {r['last_loss']:.3f}",
+             f"{r['search_seconds']:.0f} s"] for r in data["rows"]]
+    return [f"dense held-out PPL: {data['dense_ppl']:.2f} ({data['eval_windows']} windows x 128 tokens, "
+            "wiki-vital eval)",
+            "",
+            *markdown_table(["removed (attn and MLP units)", "lr", "steps x batch x K", "init metric, per-layer top-k",
+                             "init probabilities, global top-k", "after search, global top-k",
+                             "after search, expected width", "mean sample loss first/last 10 steps", "search time"],
+                            rows),
+            "", "command: `" + data["commands"][-1] + "`", *machine_lines(data["machine"])]
 
 
 if __name__ == "__main__":

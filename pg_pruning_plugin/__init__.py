@@ -7,22 +7,32 @@ Core API::
     prune_model(model, result.masks)          # physically smaller, same logits as the masked model
     save_pruned(model, "out", tokenizer); load_pruned("out")
 
-Importing the package also registers ``PolicyGradientPruningModifier`` with llmcompressor's
-``ModifierFactory`` when llmcompressor is installed, so YAML recipes can name it.
+Importing the package imports neither Torch-Pruning nor llmcompressor. It arranges that
+``PolicyGradientPruningModifier`` registers itself with llmcompressor's ``ModifierFactory`` as soon as
+llmcompressor is imported, so YAML recipes can name it (docs/llmcompressor.md). The integrations
+themselves are ``pg_pruning_plugin.integrations.torch_pruning`` and ``.llmcompressor``.
 """
 
+from .compat.llmcompressor import register_when_imported
 from .core.architectures import ARCHITECTURES, SearchSpace, UnsupportedArchitectureError
 from .core.checkpoint import load_pruned, save_pruned
-from .core.masking import UnitMasks, masked
-from .scoring.metrics import METRICS, UnitScores, compute_metric
+from .core.masking import masked
 from .core.removal import prune_model
-from .search.loop import PolicyGradientSearch, ResumeError, SearchConfig, SearchResult, hard_masks
+from .core.units import UnitMasks, UnitScores, UnitValues
+from .resources.models import load_model
+from .resources.text import calibration_blocks
+from .scoring.metrics import METRICS, compute_metric
+from .search.budget import Budget, BudgetError, hard_masks
+from .search.config import ResumeError, SearchConfig, SearchResult
+from .search.loop import PolicyGradientSearch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ARCHITECTURES",
     "METRICS",
+    "Budget",
+    "BudgetError",
     "PolicyGradientSearch",
     "ResumeError",
     "SearchConfig",
@@ -30,17 +40,16 @@ __all__ = [
     "SearchSpace",
     "UnitMasks",
     "UnitScores",
+    "UnitValues",
     "UnsupportedArchitectureError",
+    "calibration_blocks",
     "compute_metric",
     "hard_masks",
+    "load_model",
     "load_pruned",
     "masked",
     "prune_model",
     "save_pruned",
 ]
 
-try:  # registers PolicyGradientPruningModifier with llmcompressor, so YAML recipes can name it
-    from .integrations import llmcompressor as _llmcompressor  # noqa: F401
-except ModuleNotFoundError as _exc:  # llmcompressor not installed: the core works without it
-    if _exc.name not in ("llmcompressor", "compressed_tensors"):
-        raise
+register_when_imported(f"{__name__}.integrations.llmcompressor.modifier")

@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.perplexity import KNOWN_TASKS, build_offline_tasks
+    from ..evaluation.zero_shot import KNOWN_TASKS, build_offline_tasks
 
     out = build_offline_tasks(args.out, tuple(args.tasks) if args.tasks else KNOWN_TASKS)
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-    for task, info in manifest["tasks"].items():
+    for info in manifest["tasks"].values():
         print(f"{info['local_task']:24s} {info['rows']:6d} rows")
     print(f"tasks written to {out / 'tasks'} (use --include_path with lm_eval, or `pg-prune eval --tasks`)")
     return 0

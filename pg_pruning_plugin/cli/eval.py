@@ -14,8 +14,8 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..resources.text import DEFAULT_TEXT
     from ..resources.models import DEFAULT_MODEL
+    from ..resources.text import DEFAULT_TEXT
 
     parser.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                         help=f"model: {DEFAULT_MODEL!r} (default), HF directory, .gguf file, Hub id, "
@@ -39,32 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
 
 
-def _is_pruned_checkpoint(path: Path) -> bool:
-    """True for a directory written by ``checkpoint.save_pruned`` (its config records ``pruned_layers``)."""
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        return False
-    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    return bool(cfg.get("pruned_layers") or (cfg.get("text_config") or {}).get("pruned_layers"))
-
-
 def load_for_eval(spec: str, dtype: str = "float32", device: str = "cpu"):
-    """``(model, tokenizer)``: a pruned checkpoint via ``checkpoint.load_pruned``, anything else via ``load_model``."""
+    """``(model, tokenizer)``: a pruned checkpoint directory via ``core.checkpoint.load_model_dir``, anything
+    else via ``resources.models.load_model``."""
+    from ..core.checkpoint import is_pruned_checkpoint, load_model_dir
     from ..resources.models import as_dtype, load_model
 
-    path = Path(spec).expanduser()
-    if path.is_dir() and _is_pruned_checkpoint(path):
-        from transformers import AutoTokenizer
-
-        from ..core.checkpoint import load_pruned
-
-        model = load_pruned(path, dtype=as_dtype(dtype)).to(device)
-        return model, AutoTokenizer.from_pretrained(path)
+    if Path(spec).expanduser().is_dir() and is_pruned_checkpoint(spec):
+        return load_model_dir(spec, dtype=as_dtype(dtype), device=device)
     return load_model(spec, dtype=dtype, device=device)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.perplexity import PAPER_TASKS, format_zero_shot, perplexity, zero_shot
+    from ..evaluation.perplexity import perplexity
+    from ..evaluation.zero_shot import OFFLINE_CHOICES, PAPER_TASKS, format_zero_shot, zero_shot
+    from ..resources.files import write_atomic
 
     model, tokenizer = load_for_eval(args.model, args.dtype, args.device)
     results: dict = {"model": args.model, "perplexity": []}
@@ -75,12 +64,10 @@ def run(args: argparse.Namespace) -> int:
         results["perplexity"].append(vars(r))
     if args.tasks is not None:
         tasks = PAPER_TASKS if args.tasks in ([], ["paper"]) else tuple(args.tasks)
-        offline = {"auto": None, "yes": True, "no": False}[args.offline]
         zs = zero_shot(model, tokenizer, tasks=tasks, limit=args.limit, batch_size=args.batch_size or 16,
-                       offline=offline)
+                       offline=OFFLINE_CHOICES[args.offline])
         print(format_zero_shot(zs))
         results["zero_shot"] = zs
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_atomic(args.json, json.dumps(results, indent=2))
     return 0

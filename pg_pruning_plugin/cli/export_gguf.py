@@ -20,7 +20,7 @@ DEFAULT_PROMPT = "The capital of France is"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..export.gguf import GGUF_DTYPES
+    from ..export import GGUF_DTYPES
 
     parser.add_argument("model_dir", type=Path, help="directory written by pg-prune prune / save_pruned, or an HF "
                                                      "Llama / Mistral / Qwen2 checkpoint")
@@ -42,8 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export.gguf import (NODE_LLAMA_CPP_ENV, NODE_LLAMA_CPP_VERSION, compare_with_llama_cpp, export_gguf,
-                          find_node_llama_cpp, load_model_dir)
+    from ..core.checkpoint import load_model_dir
+    from ..export import (
+        NODE_LLAMA_CPP_ENV,
+        NODE_LLAMA_CPP_VERSION,
+        compare_with_llama_cpp,
+        export_gguf,
+        find_node_llama_cpp,
+    )
 
     if not args.model_dir.is_dir():
         raise FileNotFoundError(f"{args.model_dir} is not a directory")

@@ -16,20 +16,24 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from ..core.architectures import SearchSpace, architecture_of
-from ..search.budget import GRANULARITIES, budget_accounting, format_accounting, sparsity_for_parameters, unit_costs
-from ..core.checkpoint import check_output_dir, save_pruned
-from ..resources.text import DEFAULT_TEXT, calibration_blocks
-from ..evaluation.perplexity import perplexity
-from ..scoring.metrics import METRICS
-from ..resources.models import DEFAULT_MODEL, load_model, resolve_model_dir
+from ..core.architectures import SearchSpace, architecture_of, count_parameters
+from ..core.checkpoint import save_pruned
 from ..core.removal import kept_space, prune_model
-from ..reporting import count_parameters, layer_table, plot_curves, plot_layer_widths
-from ..search.policy import ESTIMATORS, INIT_MAPPINGS
-from ..search.loop import EXECUTIONS, PolicyGradientSearch, SearchConfig
+from ..evaluation.perplexity import perplexity
+from ..reporting import REPORT_FILE, format_accounting, layer_table, plot_curves, plot_layer_widths, pruning_report
+from ..resources.files import check_output_dir
+from ..resources.models import DEFAULT_MODEL, load_model, resolve_model_dir
+from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..scoring.metrics import METRICS
+from ..search.budget import GRANULARITIES, Budget
+from ..search.config import EXECUTIONS, SearchConfig
+from ..search.init import INIT_MAPPINGS
+from ..search.loop import PolicyGradientSearch
+from ..search.policy import ESTIMATORS
 
 NAME = "prune"
-HELP = "learn which KV groups, MLP channels (and whole blocks) to remove with the policy-gradient search, then remove them"
+HELP = ("learn which KV groups, MLP channels (and whole blocks) to remove with the policy-gradient search, then "
+        "remove them")
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fraction of prunable parameters (or FLOPs/token) removed (default for depth: params)")
     g.add_argument("--cost-seq-len", type=int, default=2048, help="context length of the FLOPs cost and report")
     g.add_argument("--keep-params", type=_count, default=None,
-                   help="total parameters to keep, e.g. 100M or 1.2e8 (sets --cost params and --sparsity)")
+                   help="total parameters to keep, e.g. 100M or 1.2e8 (one parameter budget instead of --sparsity)")
     s = p.add_argument_group("search (paper defaults except --steps, --lr and --init-mapping, which suit the short "
                              "default run; the paper: --steps 15000 --lr 2e-3 --init-mapping sigmap)")
     s.add_argument("--steps", type=int, default=100, help="optimisation steps (paper: 15000)")
@@ -103,8 +107,8 @@ def _config(args: argparse.Namespace) -> SearchConfig:
         baseline_window=args.baseline_window, batch_size=args.batch_size, max_epochs=args.max_epochs,
         init=args.init, init_mapping=args.init_mapping, init_batches=args.init_batches,
         estimator=args.estimator, execution=args.execution, round_to=args.round_to, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, granularity=args.granularity,
-        cost="params" if args.keep_params else args.cost, cost_seq_len=args.cost_seq_len,
+        checkpoint_every=args.checkpoint_every, granularity=args.granularity, cost=args.cost,
+        cost_seq_len=args.cost_seq_len, keep_params=args.keep_params,
     )
 
 
@@ -134,10 +138,10 @@ def run(args: argparse.Namespace) -> int:
 
     before_space = SearchSpace.from_model(model)
     params_before = count_parameters(model)
+    budget = Budget.of(before_space, config)  # resolves --keep-params; refuses an unreachable budget
     if args.keep_params:
-        config.sparsity = sparsity_for_parameters(model, args.keep_params)
         logger.info("--keep-params %s: removing %.2f%% of the prunable parameters", f"{args.keep_params:,}",
-                    100 * config.sparsity)
+                    100 * budget.requested()["cost_sparsity"])
     dense_ppl = held_out_ppl()
 
     search = PolicyGradientSearch(model, calib, config, checkpoint_path=state_path)
@@ -145,31 +149,14 @@ def run(args: argparse.Namespace) -> int:
     prune_model(model, result.masks)
     after_space = kept_space(before_space, result.masks)
     params_after = count_parameters(model)
-    requested = None
-    if config.cost is not None:
-        costs = unit_costs(before_space, config.cost, config.cost_seq_len)
-        requested = (1.0 - config.sparsity) * float(costs.attn.sum() + costs.mlp.sum())
-    accounting = budget_accounting(before_space, result.masks, config.cost_seq_len,
-                                   requested_params=requested if config.cost == "params" else None,
-                                   requested_flops=requested if config.cost == "flops" else None)
     pruned_ppl = held_out_ppl()
-
-    report = {
-        "model": args.model, "calibration": args.text, "config": vars(args) | {"handler": None},
-        "params_before": params_before, "params_after": params_after,
-        "prunable_params_before": before_space.prunable_parameters(),
-        "prunable_params_after": after_space.prunable_parameters(),
-        "dense_ppl": dense_ppl.ppl if dense_ppl else None, "pruned_ppl": pruned_ppl.ppl if pruned_ppl else None,
-        "eval_protocol": str(pruned_ppl) if pruned_ppl else None,
-        "kept_per_layer": [
-            {"q_heads": s.num_attention_heads, "kv_heads": s.num_kv_groups, "mlp": s.intermediate_size}
-            for s in after_space.layers
-        ],
-        "budget": accounting,
-        "search_seconds": result.seconds, "nan_samples": result.nan_samples,
-    }
+    evaluation = None if not dense_ppl else {"dense_ppl": dense_ppl.ppl, "pruned_ppl": pruned_ppl.ppl,
+                                             "protocol": str(pruned_ppl)}
+    run = {"model": args.model, "calibration": args.text, "arguments": vars(args) | {"handler": None}}
+    report = pruning_report(before_space, result.masks, search.budget, result, params=(params_before, params_after),
+                            evaluation=evaluation, run=run)
     saved = save_pruned(model, output, tokenizer, overwrite=args.overwrite, input_dir=args.model,
-                        extra_files={"pruning_report.json": json.dumps(report, indent=2)})
+                        extra_files={REPORT_FILE: json.dumps(report, indent=2)})
     result.save(saved / "search_result.pt")
     plot_layer_widths(before_space, after_space, saved / "kept_per_layer.png",
                       title=f"{args.model}: kept fraction per layer")
@@ -187,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"held-out perplexity: dense {dense_ppl.ppl:.2f} -> pruned {pruned_ppl.ppl:.2f} "
                      f"({pruned_ppl.n_windows} windows x {pruned_ppl.seq_len} tokens of {pruned_ppl.source})")
     lines += [
-        format_accounting(accounting) if config.cost is not None else layer_table(before_space, after_space),
+        format_accounting(report["accounting"]) if report["cost_budget"] else layer_table(before_space, after_space),
         f"search: {config.steps} steps x {config.samples_per_step} samples in {result.seconds:.0f} s; "
         f"total wall time {time.perf_counter() - t0:.0f} s",
         f"written to {saved} (load with pg_pruning_plugin.load_pruned; plots kept_per_layer.png, search_loss.png)",

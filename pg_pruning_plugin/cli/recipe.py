@@ -20,9 +20,10 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..core.architectures import SearchSpace, architecture_of
-from ..core.checkpoint import atomic_directory, check_output_dir
-from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..resources.files import atomic_directory, check_output_dir
 from ..resources.models import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
+from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..search.budget import Budget
 
 NAME = "recipe"
 HELP = "run an llmcompressor YAML recipe (e.g. recipes/pg_prune_gptq_w4a16_g64.yaml) on a model in one oneshot call"
@@ -91,25 +92,23 @@ def override_value(text: str):
 
 
 def check_budgets(model_dir: str | os.PathLike, text: str) -> None:
-    """Refuse an unreachable cost budget of any pruning modifier in ``text`` from the model's config alone.
+    """Refuse an unreachable budget of any pruning modifier in ``text`` from the model's config alone.
 
     The layer shapes come from a weightless (meta-device) model, so nothing is loaded; the modifier
     checks again on the real model with the recipe's group-size rounding.
     """
     from llmcompressor.recipe import Recipe
 
-    from ..integrations.llmcompressor.modifier import PolicyGradientPruningModifier
-    from ..search.loop import cost_budget
+    from ..integrations.llmcompressor import PolicyGradientPruningModifier
 
     configs = [m.search_config() for m in Recipe.create_instance(text).modifiers
                if isinstance(m, PolicyGradientPruningModifier)]
-    configs = [c for c in configs if c.cost is not None]
     if not configs:
         return
     with torch.device("meta"):
         space = SearchSpace.from_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
     for config in configs:
-        cost_budget(space, config)  # BudgetError names the reachable range
+        Budget.of(space, config)  # BudgetError names the reachable range
 
 
 def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, seed: int):

@@ -14,18 +14,23 @@ Units per decoder layer (method.md §2.1):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 __all__ = [
     "ARCHITECTURES",
+    "PROJECTION_ROLES",
     "ArchitectureSpec",
     "LayerShape",
+    "Projection",
     "SearchSpace",
     "UnsupportedArchitectureError",
     "architecture_of",
+    "count_parameters",
     "decoder_layers",
+    "projections",
 ]
 
 
@@ -44,6 +49,10 @@ class ArchitectureSpec:
     up: str = "up_proj"
     down: str = "down_proj"
     mlp_norm: str = "post_attention_layernorm"  # the norm whose input is the residual stream between the blocks
+
+    def block_of(self, role: str) -> str:
+        """The attribute of a decoder layer holding projection ``role`` (``spec.attention`` or ``spec.mlp``)."""
+        return self.attention if role in ("q", "k", "v", "o") else self.mlp
 
 
 _LLAMA_LAYOUT = ArchitectureSpec("Llama 1/2/3, Vicuna")
@@ -89,6 +98,37 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+# The seven prunable projections of a decoder layer, in layer order.
+PROJECTION_ROLES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One prunable projection of a model: its decoder layer, role (q/k/v/o/gate/up/down) and module."""
+
+    layer: int
+    role: str
+    name: str  # relative to the base model, e.g. "layers.3.self_attn.q_proj"
+    linear: nn.Linear
+
+
+def projections(model: nn.Module) -> Iterator[Projection]:
+    """Every prunable projection of ``model``, layer by layer in :data:`PROJECTION_ROLES` order
+    (blocks that were removed have none)."""
+    spec = architecture_of(model)
+    for i, layer in enumerate(decoder_layers(model)):
+        for role in PROJECTION_ROLES:
+            block = spec.block_of(role)
+            linear = getattr(getattr(layer, block), getattr(spec, role), None)
+            if linear is not None:
+                yield Projection(i, role, f"layers.{i}.{block}.{getattr(spec, role)}", linear)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of ``model``, tied tensors counted once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 @dataclass(frozen=True)
 class LayerShape:
     """Prunable widths of one decoder layer as it currently is (0 units: the block was removed)."""
@@ -108,13 +148,15 @@ class SearchSpace:
     """Units of every decoder layer, flattened per unit type in layer order.
 
     ``attn_offsets[l] : attn_offsets[l+1]`` indexes layer l's KV groups in a flat attention
-    vector; the same holds for MLP channels with ``mlp_offsets``.
+    vector; the same holds for MLP channels with ``mlp_offsets``. ``fixed_parameters`` counts the
+    parameters no unit owns (embeddings, norms, ``lm_head``, q/k/v biases), when read from a model.
     """
 
     spec: ArchitectureSpec
     layers: list[LayerShape]
     hidden_size: int
     model_type: str
+    fixed_parameters: int | None = None
     attn_offsets: list[int] = field(init=False)
     mlp_offsets: list[int] = field(init=False)
 
@@ -144,7 +186,13 @@ class SearchSpace:
             if n_kv == 0 or n_q % n_kv:
                 raise ValueError(f"layer has {n_q} query heads and {n_kv} KV heads; expected a multiple")
             shapes.append(LayerShape(n_kv, n_q // n_kv, head_dim, intermediate))
-        return cls(spec, shapes, config.hidden_size, config.model_type)
+        space = cls(spec, shapes, config.hidden_size, config.model_type)
+        space.fixed_parameters = count_parameters(model) - space.prunable_parameters()
+        return space
+
+    def with_layers(self, layers: list[LayerShape]) -> SearchSpace:
+        """The same model with other layer widths (``fixed_parameters`` carried over)."""
+        return SearchSpace(self.spec, layers, self.hidden_size, self.model_type, self.fixed_parameters)
 
     @property
     def has_removed_blocks(self) -> bool:

@@ -13,57 +13,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from .architectures import SearchSpace, decoder_layers
+from .units import UnitMasks, UnitValues
 
-__all__ = ["UnitMasks", "masked"]
-
-
-@dataclass
-class UnitMasks:
-    """Keep masks over the flat unit vectors of a :class:`SearchSpace`.
-
-    attn: ``[S, num_attn_units]``, mlp: ``[S, num_mlp_units]``; 1 keeps, 0 removes.
-    A 1-D tensor is one sample.
-    """
-
-    attn: torch.Tensor
-    mlp: torch.Tensor
-    attn_blocks: torch.Tensor | None = None  # [S, num_layers]: 0 removes a layer's whole attention block
-    mlp_blocks: torch.Tensor | None = None  # [S, num_layers]: 0 removes a layer's whole MLP block
-
-    def __post_init__(self) -> None:
-        for name in ("attn", "mlp", "attn_blocks", "mlp_blocks"):
-            value = getattr(self, name)
-            if value is not None and value.dim() == 1:
-                setattr(self, name, value.unsqueeze(0))
-        if self.attn.shape[0] != self.mlp.shape[0]:
-            raise ValueError("attn and mlp masks must have the same number of samples")
-        if (self.attn_blocks is None) != (self.mlp_blocks is None):
-            raise ValueError("give both attn_blocks and mlp_blocks, or neither")
-
-    def folded(self, space: SearchSpace) -> UnitMasks:
-        """Width-only masks: a removed block zeroes every unit of its layer, which makes it an
-        identity on the residual stream (its output projection has no bias in any supported family)."""
-        if self.attn_blocks is None:
-            return self
-        attn_per_unit = torch.repeat_interleave(
-            self.attn_blocks, torch.tensor([s.num_kv_groups for s in space.layers]), dim=1)
-        mlp_per_unit = torch.repeat_interleave(
-            self.mlp_blocks, torch.tensor([s.intermediate_size for s in space.layers]), dim=1)
-        return UnitMasks(self.attn * attn_per_unit, self.mlp * mlp_per_unit)
-
-    @property
-    def num_samples(self) -> int:
-        return self.attn.shape[0]
-
-    @classmethod
-    def ones(cls, space: SearchSpace, num_samples: int = 1) -> UnitMasks:
-        return cls(torch.ones(num_samples, space.num_attn_units), torch.ones(num_samples, space.num_mlp_units))
+__all__ = ["masked"]
 
 
 def _scale_input(mask: torch.Tensor):
@@ -78,10 +35,11 @@ def _scale_input(mask: torch.Tensor):
 
 
 @contextmanager
-def masked(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterator[nn.Module]:
-    """Apply ``masks`` to ``model`` inside the block; the model is unchanged afterwards."""
+def masked(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValues) -> Iterator[nn.Module]:
+    """Apply ``masks`` (a :class:`UnitValues` is one sample) to ``model`` inside the block; the model is
+    unchanged afterwards."""
     spec = space.spec
-    masks = masks.folded(space)
+    masks = UnitMasks.of(masks).folded(space)
     handles = []
     try:
         for i, layer in enumerate(decoder_layers(model)):

@@ -1,44 +1,32 @@
-"""Physical removal of KV groups and MLP channels through Torch-Pruning's DependencyGraph.
+"""Physical removal of KV groups, MLP channels and whole blocks.
 
-For each layer the graph gives the coupled group of a removal: ``o_proj`` input columns of a KV
-group pull in its ``q_proj`` rows and, through the GQA mapping of ``repeat_kv``, its ``k_proj`` and
-``v_proj`` rows; ``gate_proj`` rows pull in ``up_proj`` rows and ``down_proj`` columns. The known
-Torch-Pruning 1.6.1 pitfalls on transformers 5 are avoided here, without patching the library:
-tracing uses eager attention and ``use_cache=False`` (bugs 1, 2); duplicated GQA indices are
-removed before pruning and groups are never checked with the duplicate-counting check (bug 3);
-index mappings are frozen at their traced values (bugs 10, 11: :func:`freeze_index_mappings`); each group
-must contain exactly the expected Linear members, or removal stops with an error.
+The weights are sliced directly (:mod:`~pg_pruning_plugin.core.slicing`): a removed KV group takes
+its ``q_proj``, ``k_proj`` and ``v_proj`` rows (and biases) and its ``o_proj`` columns with it, a
+removed MLP channel its ``gate_proj`` and ``up_proj`` rows (and biases) and its ``down_proj``
+column. These are exactly the members Torch-Pruning's dependency graph couples for such a removal
+(the Torch-Pruning plugin's tests check that on every supported family), so the result is what a
+Torch-Pruning step produces, without tracing the model (docs/architecture.md says why).
 
-Whole blocks (depth granularity) are removed by the plugin itself: a removed attention block
-becomes :class:`RemovedAttention` and a removed MLP block :class:`RemovedMLP`, modules without
-weights that add nothing to the residual stream; a decoder layer that loses both is deleted and
-``num_hidden_layers`` (and ``layer_types``) shrink.
+Whole blocks (depth granularity): a removed attention block becomes :class:`RemovedAttention` and a
+removed MLP block :class:`RemovedMLP`, modules without weights that add nothing to the residual
+stream; a decoder layer that loses both is deleted and ``num_hidden_layers`` (and ``layer_types``)
+shrink.
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
-import torch_pruning as tp
-from torch_pruning import ops
-from torch_pruning.dependency.constants import INDEX_MAPPING_PLACEHOLDER
 
 from .architectures import LayerShape, SearchSpace, architecture_of, decoder_layers
-from ..scoring.metrics import UnitScores
+from .slicing import UNIT_AXES, kept_indices, slice_projection
+from .units import UnitValues
 
-__all__ = ["GroupLayoutError", "RemovedAttention", "RemovedMLP", "dependency_graph", "freeze_index_mappings",
-           "kept_space", "prune_model", "remove_blocks", "update_config"]
+__all__ = ["RemovedAttention", "RemovedMLP", "kept_space", "prune_model", "remove_blocks", "update_config"]
 
 logger = logging.getLogger(__name__)
-
-
-class GroupLayoutError(RuntimeError):
-    """Torch-Pruning coupled a removal with modules other than the expected projections."""
 
 
 class RemovedAttention(nn.Module):
@@ -66,7 +54,7 @@ class RemovedMLP(nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def kept_space(space: SearchSpace, masks: UnitScores) -> SearchSpace:
+def kept_space(space: SearchSpace, masks: UnitValues) -> SearchSpace:
     """The widths ``masks`` keep in every layer of ``space`` (0 units where a block is removed)."""
     shapes = []
     for i, shape in enumerate(space.layers):
@@ -77,88 +65,18 @@ def kept_space(space: SearchSpace, masks: UnitScores) -> SearchSpace:
         if masks.has_blocks and not masks.mlp_blocks[i]:
             channels = 0
         shapes.append(LayerShape(kv, shape.queries_per_group if kv else 0, shape.head_dim, channels))
-    return SearchSpace(space.spec, shapes, space.hidden_size, space.model_type)
+    return space.with_layers(shapes)
 
 
-@contextmanager
-def tracing_mode(model: nn.Module) -> Iterator[None]:
-    """Eager attention and no KV cache while Torch-Pruning traces; restored afterwards."""
-    config = model.config
-    attn_impl, use_cache = config._attn_implementation, getattr(config, "use_cache", None)
-    model.set_attn_implementation("eager")
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(attn_impl)
-        config.use_cache = use_cache
+def _kept(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask > 0.5).flatten()
 
 
-def freeze_index_mappings(graph: tp.DependencyGraph) -> None:
-    """Fix ``graph``'s index mappings at their traced values, with identity for concatenations.
-
-    Torch-Pruning 1.6.1 recomputes mappings before every group from the *current* layer widths:
-    * the GQA mapping of ``repeat_kv``'s expand takes ``n_rep`` = current query width / traced KV
-      width, which is wrong once a KV group is gone (bug 11: a second pruning step on the same
-      graph couples q to k/v 1:1);
-    * RoPE's ``rotate_half`` (``cat(..., dim=-1)`` over head_dim; autograd saves ``dim=-1`` as
-      2**64-1) is taken for a channel concat, and when the inferred sizes match (``n_rep == 2``)
-      its offsets make ``get_pruning_group`` loop forever (bug 10). Whole heads map onto
-      themselves through ``rotate_half``, so identity is the right mapping.
-    Removing whole KV groups and MLP channels never changes ``n_rep`` or ``head_dim``, so the
-    mappings traced on the unpruned model stay valid. Call it before anything is pruned.
-    """
-    for node in graph.module2node.values():
-        node.enable_index_mapping = False  # update_index_mapping skips disabled nodes
-        if node.type == ops.OPTYPE.CONCAT:
-            incoming = [dep for src in node.inputs for dep in src.dependencies if dep.target is node]
-            for dep in list(node.dependencies) + incoming:
-                dep.index_mapping[1] = INDEX_MAPPING_PLACEHOLDER
-
-
-def dependency_graph(model: nn.Module, example_input_ids: torch.Tensor | None = None) -> tp.DependencyGraph:
-    """Trace ``model`` into a Torch-Pruning graph with the settings that work on transformers 5."""
-    if example_input_ids is None:
-        example_input_ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, 8))
-    device = next(model.parameters()).device
-    with tracing_mode(model), torch.enable_grad(), warnings.catch_warnings():
-        # norm weights are reported as "unwrapped"; the hidden size is never pruned, so they are never touched
-        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        graph = tp.DependencyGraph().build_dependency(
-            model,
-            example_inputs={"input_ids": example_input_ids.to(device), "use_cache": False},
-            output_transform=lambda out: out.logits,
-        )
-    freeze_index_mappings(graph)
-    return graph
-
-
-def _execute(group, expected: dict[nn.Module, str]) -> None:
-    """Prune ``group`` with de-duplicated indices after checking it touches exactly ``expected``."""
-    touched = {}
-    for dep, idxs in group:
-        module = dep.target.module
-        if isinstance(module, nn.Linear) or module in expected:
-            fn = dep.handler.__name__
-            touched[module] = fn
-            if expected.get(module) != fn:
-                raise GroupLayoutError(
-                    f"Torch-Pruning coupled {dep.target.name} ({fn}) with this removal, which the plugin does not "
-                    f"expect; the group was:\n{group.details()}"
-                )
-    missing = [m for m in expected if m not in touched]
-    if missing:
-        raise GroupLayoutError(f"removal group lacks {len(missing)} expected projections:\n{group.details()}")
-    for dep, idxs in group:
-        module = dep.target.module
-        if module in expected:
-            dep(sorted(set(int(i) for i in idxs)))
-
-
-def prune_model(model: nn.Module, masks: UnitScores, graph: tp.DependencyGraph | None = None) -> nn.Module:
+def prune_model(model: nn.Module, masks: UnitValues) -> nn.Module:
     """Remove every unit (and block) whose mask is 0, in place, and update the config; returns ``model``.
 
-    The result computes the same logits as ``model`` under :func:`masking.masked` with ``masks``.
+    The result computes the same logits as ``model`` under :func:`~pg_pruning_plugin.core.masking.masked`
+    with ``masks``.
     """
     space = SearchSpace.from_model(model)
     if masks.attn.numel() != space.num_attn_units or masks.mlp.numel() != space.num_mlp_units:
@@ -178,28 +96,16 @@ def prune_model(model: nn.Module, masks: UnitScores, graph: tp.DependencyGraph |
                                  f"(or remove the whole block with attn_blocks/mlp_blocks masks)")
     if all(drop_attn) and all(drop_mlp):
         raise ValueError("masks remove every decoder layer; at least one block must stay")
-    graph = graph or dependency_graph(model)
     spec = space.spec
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        shape = space.layers[i]
-        attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        q, k, v, o = (getattr(attn, n) for n in (spec.q, spec.k, spec.v, spec.o))
-        gate, up, down = (getattr(mlp, n) for n in (spec.gate, spec.up, spec.down))
-        removed_groups = (masks.attn[space.attn_slice(i)] == 0).nonzero().flatten().tolist()
-        if removed_groups and not drop_attn[i]:
-            width = shape.queries_per_group * shape.head_dim
-            q_idxs = [g * width + j for g in removed_groups for j in range(width)]
-            group = graph.get_pruning_group(o, tp.prune_linear_in_channels, q_idxs)
-            _execute(group, {o: "prune_in_channels", q: "prune_out_channels",
-                             k: "prune_out_channels", v: "prune_out_channels"})
-        removed_channels = (masks.mlp[space.mlp_slice(i)] == 0).nonzero().flatten().tolist()
-        if removed_channels and not drop_mlp[i]:
-            group = graph.get_pruning_group(gate, tp.prune_linear_out_channels, removed_channels)
-            _execute(group, {gate: "prune_out_channels", up: "prune_out_channels", down: "prune_in_channels"})
-    for module in model.modules():
-        if isinstance(module, nn.Linear):  # Torch-Pruning counts duplicated indices (bug 3b)
-            module.out_features, module.in_features = module.weight.shape
+    for i, layer in enumerate(decoder_layers(model)):
+        shape, kept = space.layers[i], after.layers[i]
+        groups = _kept(masks.attn[space.attn_slice(i)])
+        channels = _kept(masks.mlp[space.mlp_slice(i)])
+        index = kept_indices(shape, groups if 0 < kept.num_kv_groups < shape.num_kv_groups else None,
+                             channels if 0 < kept.intermediate_size < shape.intermediate_size else None)
+        for role, (kind, dim) in UNIT_AXES.items():
+            if kind in index:
+                slice_projection(getattr(getattr(layer, spec.block_of(role)), getattr(spec, role)), index[kind], dim)
     if any(drop_attn) or any(drop_mlp):
         remove_blocks(model, drop_attn, drop_mlp)
     update_config(model)
@@ -236,8 +142,8 @@ def update_config(model: nn.Module) -> None:
     """Write the current per-layer widths into the model and its config.
 
     Always records ``pruned_layers`` (one dict per layer; 0 heads or 0 channels: the block is removed);
-    when every layer is equal and the config class accepts them, the standard fields (``num_attention_heads``, ``num_key_value_heads``,
-    ``intermediate_size``) are set too, so stock ``from_pretrained`` loads the checkpoint.
+    when every layer is equal and the config class accepts them, the standard fields (``num_attention_heads``,
+    ``num_key_value_heads``, ``intermediate_size``) are set too, so stock ``from_pretrained`` loads the checkpoint.
     """
     space = SearchSpace.from_model(model)
     config = model.config.get_text_config()

@@ -13,7 +13,7 @@ unchanged and the attention reshapes with ``-1`` heads adapt to the narrower pro
 * The original parameters, hooks and ``forward`` attributes are restored when the context exits,
   also on error: afterwards the model is exactly as before.
 
-The losses equal those of :func:`pg_pruning_plugin.masking.masked` up to float rounding
+The losses equal those of :func:`pg_pruning_plugin.core.masking.masked` up to float rounding
 (fewer terms in each sum), at the cost of the kept fraction of the prunable matmuls.
 """
 
@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 
 from .architectures import SearchSpace, decoder_layers
-from .masking import UnitMasks
+from .slicing import UNIT_AXES, kept_indices, sliced_parameter
+from .units import UnitMasks, UnitValues
 
 __all__ = ["subnetwork"]
 
@@ -42,7 +43,7 @@ def _swap(swapped: _Swapped, linear: nn.Linear, index: torch.Tensor, dim: int) -
         if original is None:
             continue
         swapped.append((linear, name, original))
-        linear._parameters[name] = nn.Parameter(original.index_select(dim, index), requires_grad=False)
+        linear._parameters[name] = sliced_parameter(original, index, dim, requires_grad=False)
 
 
 def _restore(swapped: _Swapped) -> None:
@@ -69,9 +70,9 @@ def _kept(mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterator[nn.Module]:
+def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValues) -> Iterator[nn.Module]:
     """Run ``model`` as the sub-network that ``masks`` (exactly one 0/1 sample) keeps."""
-    masks = masks.folded(space)
+    masks = UnitMasks.of(masks).folded(space)
     if masks.num_samples != 1:
         raise ValueError(f"subnetwork runs one mask sample per forward, got {masks.num_samples}")
     for name, m in (("attn", masks.attn), ("mlp", masks.mlp)):
@@ -89,17 +90,11 @@ def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterat
         overridden.append((module, module.__dict__.get("forward")))
         module.forward = _constant_forward(projection, returns_tuple)
 
-    def swap_in(attn: nn.Module, mlp: nn.Module, q_rows, kv_rows, mlp_rows):
+    def swap_in(blocks: dict[str, nn.Module], index: dict[str, torch.Tensor]):
         def hook(module, args):
-            if q_rows is not None:
-                _swap(swapped, getattr(attn, spec.q), q_rows, 0)
-                _swap(swapped, getattr(attn, spec.k), kv_rows, 0)
-                _swap(swapped, getattr(attn, spec.v), kv_rows, 0)
-                _swap(swapped, getattr(attn, spec.o), q_rows, 1)
-            if mlp_rows is not None:
-                _swap(swapped, getattr(mlp, spec.gate), mlp_rows, 0)
-                _swap(swapped, getattr(mlp, spec.up), mlp_rows, 0)
-                _swap(swapped, getattr(mlp, spec.down), mlp_rows, 1)
+            for role, (kind, dim) in UNIT_AXES.items():
+                if kind in index:
+                    _swap(swapped, getattr(blocks[spec.block_of(role)], getattr(spec, role)), index[kind], dim)
 
         return hook
 
@@ -114,19 +109,19 @@ def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks) -> Iterat
             device = getattr(attn, spec.q).weight.device
             groups = _kept(masks.attn[0, space.attn_slice(i)]).to(device)
             channels = _kept(masks.mlp[0, space.mlp_slice(i)]).to(device)
-            q_rows = kv_rows = mlp_rows = None
+            kept_groups = kept_channels = None
             if groups.numel() == 0:
                 override(attn, getattr(attn, spec.o), returns_tuple=True)
             elif groups.numel() < shape.num_kv_groups:
-                d, q_width = shape.head_dim, shape.queries_per_group * shape.head_dim
-                kv_rows = (groups[:, None] * d + torch.arange(d, device=device)).flatten()
-                q_rows = (groups[:, None] * q_width + torch.arange(q_width, device=device)).flatten()
+                kept_groups = groups
             if channels.numel() == 0:
                 override(mlp, getattr(mlp, spec.down), returns_tuple=False)
             elif channels.numel() < shape.intermediate_size:
-                mlp_rows = channels
-            if q_rows is not None or mlp_rows is not None:
-                handles.append(layer.register_forward_pre_hook(swap_in(attn, mlp, q_rows, kv_rows, mlp_rows)))
+                kept_channels = channels
+            index = kept_indices(shape, kept_groups, kept_channels)
+            if index:
+                blocks = {spec.attention: attn, spec.mlp: mlp}
+                handles.append(layer.register_forward_pre_hook(swap_in(blocks, index)))
                 handles.append(layer.register_forward_hook(swap_out))
         yield model
     finally:

@@ -1,4 +1,5 @@
-"""Speed and memory measurements of the search and of pruned models (``pg-prune bench``).
+"""Speed and memory measurements of the search and of pruned models (``pg-prune bench``), and the
+memory probe every measurement of the project uses.
 
 Every comparison is measured side by side in one process: the variants of one table are timed
 round-robin, ``repeats`` times each after a warm-up, and the median is kept, so a load change on a
@@ -6,15 +7,18 @@ shared machine hits all of them alike. GPU timings synchronise before reading th
 
 * :func:`search_speed`: a dense forward of a ``[B, T]`` batch against the same batch through
   sampled sub-networks (masked-multiply and gather execution), the all-ones masked forward, and
-  whole search steps (:class:`~pg_pruning_plugin.search.PolicyGradientSearch`).
-* :func:`search_memory`: peak memory of plain inference against a search step (GPU:
-  ``torch.cuda.max_memory_allocated``; CPU: peak RSS of a fresh child process per workload).
+  whole search steps (:class:`~pg_pruning_plugin.search.loop.PolicyGradientSearch`).
+* :func:`search_memory`: peak memory of plain inference against a search step, each workload in a
+  fresh child process on the CPU.
 * :func:`inference_speed`: prefill and decode tokens/s with ``generate`` of models physically
-  pruned by :func:`~pg_pruning_plugin.removal.prune_model`, against the dense model.
+  pruned by :func:`~pg_pruning_plugin.core.removal.prune_model`, against the dense model.
+* :func:`measured`: seconds and peak memory of one call (the one memory probe: GPU
+  ``torch.cuda.max_memory_allocated``; CPU the kernel's peak RSS mark, VmHWM, reset before the call).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ctypes
 import gc
@@ -30,16 +34,18 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from ..core.architectures import SearchSpace
-from ..core.masking import UnitMasks, masked
-from ..scoring.metrics import UnitScores
-from ..search.policy import top_k_mask
+from ..core.architectures import SearchSpace, count_parameters
+from ..core.masking import masked
+from ..core.modeling import model_device
 from ..core.removal import prune_model
-from ..reporting import count_parameters
-from ..search.loop import PolicyGradientSearch, SearchConfig, sample_losses
+from ..core.selection import top_k_mask
 from ..core.subnetwork import subnetwork
+from ..core.units import UnitMasks, UnitValues
+from ..search.config import SearchConfig
+from ..search.loop import PolicyGradientSearch, sample_losses
 
-__all__ = ["SHAPES", "build_model", "inference_speed", "search_memory", "search_speed", "timed"]
+__all__ = ["SHAPES", "bernoulli_masks", "build_model", "inference_speed", "measured", "search_memory", "search_speed",
+           "timed", "uniform_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +102,8 @@ def timed(fns: dict[str, Callable[[], object]], device: torch.device, repeats: i
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _bernoulli_masks(space: SearchSpace, keep: float, num_samples: int, seed: int) -> UnitMasks:
+def bernoulli_masks(space: SearchSpace, keep: float, num_samples: int, seed: int) -> UnitMasks:
+    """``num_samples`` random masks keeping every KV group and MLP channel with probability ``keep``."""
     g = torch.Generator().manual_seed(seed)
     return UnitMasks((torch.rand(num_samples, space.num_attn_units, generator=g) < keep).float(),
                      (torch.rand(num_samples, space.num_mlp_units, generator=g) < keep).float())
@@ -105,8 +112,7 @@ def _bernoulli_masks(space: SearchSpace, keep: float, num_samples: int, seed: in
 def _constant_search(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, keep: float,
                      samples: int, execution: str) -> PolicyGradientSearch:
     """A search whose every unit starts at keep-probability ``keep``, over copies of ``batch``."""
-    space = SearchSpace.from_model(model)
-    start = UnitScores(torch.full((space.num_attn_units,), keep), torch.full((space.num_mlp_units,), keep))
+    start = UnitValues.full(SearchSpace.from_model(model), keep)
     config = SearchConfig(sparsity=1 - keep, steps=steps, samples_per_step=samples, batch_size=len(batch["input_ids"]),
                           execution=execution)
     return PolicyGradientSearch(model, [batch] * steps, config, init_scores=start)
@@ -125,13 +131,13 @@ def _step_seconds(model: nn.Module, batch: dict[str, torch.Tensor], steps: int, 
 def search_speed(model: nn.Module, batch_size: int = 8, seq_len: int = 128, samples: int = 2, keep: float = 0.5,
                  repeats: int = 5, search_steps: int = 4) -> dict:
     """Seconds per forward of the same ``[B, T]`` batch: dense, masked, gathered; and per search step."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     space = SearchSpace.from_model(model)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     batch = {"input_ids": ids}
     ones = UnitMasks.ones(space)
-    sampled = _bernoulli_masks(space, keep, samples, seed=1)
+    sampled = bernoulli_masks(space, keep, samples, seed=1)
 
     def forward_under(context, masks):
         def fn():
@@ -164,24 +170,56 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:"))
 
 
+def _release_freed_memory() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed heap memory stays mapped
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _cpu_peak(fn: Callable[[], object]) -> tuple[object, int, int]:
+    """``(result, RSS at the start, peak RSS)`` of ``fn()`` in KiB: freed heap memory is returned to the OS,
+    then the kernel's peak-RSS mark (VmHWM) is reset to the current RSS (Linux ``/proc/self/clear_refs``)."""
+    _release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = _status_kib("VmRSS")
+    result = fn()
+    return result, start, _status_kib("VmHWM")
+
+
+def measured(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
+    """``(result, seconds, peak MiB above the start)`` of ``fn()``.
+
+    GPU: ``torch.cuda.max_memory_allocated`` minus the memory allocated at the start. CPU: the peak
+    resident set size during the call minus the one at its start (:func:`_cpu_peak`).
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, time.perf_counter() - start, (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    start = time.perf_counter()
+    result, base_kib, peak_kib = _cpu_peak(fn)
+    return result, time.perf_counter() - start, (peak_kib - base_kib) / 1024
+
+
 def _cpu_probe() -> None:
-    """Child-process body (spec as JSON in argv[1]): build the model, release what loading freed,
-    reset the peak-RSS mark, run one workload, print the peak and post-load RSS in KiB as JSON."""
+    """Child-process body (spec as JSON in argv[1]): build the model, run one workload under
+    :func:`_cpu_peak`, print the peak and post-load RSS in KiB as JSON."""
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec["threads"])
     model, _ = build_model(spec["model"], spec["shape"], "cpu", getattr(torch, spec["dtype"]))
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS (Linux)
-        f.write("5")
-    loaded = _status_kib("VmRSS")
-    _run_workload(model, spec["workload"], spec["batch_size"], spec["seq_len"], spec["samples"], spec["keep"])
-    print(json.dumps({"peak_kib": _status_kib("VmHWM"), "loaded_kib": loaded}))
+    _, loaded, peak = _cpu_peak(lambda: _run_workload(model, spec["workload"], spec["batch_size"], spec["seq_len"],
+                                                      spec["samples"], spec["keep"]))
+    print(json.dumps({"peak_kib": peak, "loaded_kib": loaded}))
 
 
 @torch.no_grad()
 def _run_workload(model: nn.Module, workload: str, batch_size: int, seq_len: int, samples: int, keep: float) -> None:
-    device = next(model.parameters()).device
+    device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
     if workload == "inference":
@@ -201,7 +239,7 @@ def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | 
     after loading) of a fresh child process per workload; it includes the interpreter, libraries
     and weights, and the RSS right after loading is reported beside it.
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     out: dict[str, dict] = {}
     if device.type == "cuda":
         for workload in WORKLOADS:
@@ -226,11 +264,11 @@ def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | 
     return {"method": "peak RSS (VmHWM reset after loading) of a fresh child process per workload", "peak": out}
 
 
-def uniform_masks(space: SearchSpace, sparsity: float, round_to: int | None, seed: int = 0) -> UnitScores:
+def uniform_masks(space: SearchSpace, sparsity: float, round_to: int | None, seed: int = 0) -> UnitValues:
     """Random per-layer-uniform hard masks removing ``sparsity`` of each layer's units."""
     g = torch.Generator().manual_seed(seed)
     keep = 1 - sparsity
-    return UnitScores(
+    return UnitValues(
         top_k_mask(torch.rand(space.num_attn_units, generator=g), keep, space.attn_offsets, global_pool=False),
         top_k_mask(torch.rand(space.num_mlp_units, generator=g), keep, space.mlp_offsets, global_pool=False,
                    min_keep=round_to or 1, round_to=round_to),
@@ -241,7 +279,7 @@ def uniform_masks(space: SearchSpace, sparsity: float, round_to: int | None, see
 def _generation_times(model: nn.Module, batch_sizes: list[int], prompt_len: int, new_tokens: int,
                       repeats: int) -> dict[int, tuple[float, float]]:
     """``{B: (prefill s, decode s per step)}`` from ``generate`` with 1 and ``new_tokens`` tokens."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     vocab = model.config.get_text_config().vocab_size
     out = {}
     for b in batch_sizes:

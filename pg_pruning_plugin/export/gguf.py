@@ -32,9 +32,7 @@ Q and K rows are reordered per head for llama.cpp's RoPE, which rotates adjacent
 transformers rotates the two halves of a head (the same reordering ``convert_hf_to_gguf.py`` applies
 to Llama checkpoints), with each layer's own head counts.
 
-:func:`llama_cpp_greedy` runs a GGUF in llama.cpp through the ``node-llama-cpp`` npm package (prebuilt
-CPU binaries; no compiler), and :func:`compare_with_llama_cpp` checks greedy tokens and logits against
-transformers.
+Running the file in llama.cpp and comparing it with transformers is llama_cpp.py's job.
 """
 
 from __future__ import annotations
@@ -44,9 +42,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,16 +50,16 @@ import torch
 import torch.nn as nn
 
 from ..core.architectures import SearchSpace, architecture_of, decoder_layers
+from ..core.checkpoint import load_model_dir
+from ..resources.assets import smollm2_gguf
+from ..resources.files import atomic_file
 
-__all__ = ["GGUF_DTYPES", "GGUF_FAMILIES", "LlamaCppUnavailable", "compare_with_llama_cpp", "export_gguf",
-           "find_node_llama_cpp", "gguf_layer_plan", "llama_cpp_greedy", "load_model_dir", "permute_for_llama_cpp_rope"]
+__all__ = ["GGUF_DTYPES", "GGUF_FAMILIES", "LayerPlan", "export_gguf", "gguf_layer_plan", "permute_for_llama_cpp_rope"]
 
 logger = logging.getLogger(__name__)
 
 GGUF_FAMILIES = ("llama", "mistral", "qwen2")
 GGUF_DTYPES = ("f32", "f16")
-NODE_LLAMA_CPP_ENV = "PG_PRUNING_NODE_LLAMA_CPP"
-NODE_LLAMA_CPP_VERSION = "3.22.1"  # the version the export was verified with (llama.cpp tag v0.5.0)
 _REFUSED = {
     "qwen3": "Qwen3 has per-head q/k RMSNorms, which llama.cpp's deci/llama graphs do not compute",
     "gemma": "Gemma scales the embeddings and uses GELU, which llama.cpp's deci/llama graphs do not compute",
@@ -344,8 +339,6 @@ def _smollm2_gguf_if_matching(tokenizer) -> Path | None:
     if tokenizer is None or _guess_pre(tokenizer, "") != "smollm":
         return None
     try:
-        from ..resources.assets import smollm2_gguf
-
         source = smollm2_gguf()
     except (RuntimeError, OSError) as exc:
         logger.info("embedded SmolLM2 GGUF unavailable (%s); building tokenizer metadata from the HF tokenizer", exc)
@@ -356,31 +349,6 @@ def _smollm2_gguf_if_matching(tokenizer) -> Path | None:
 
 
 # ---------------------------------------------------------------------------------------------- export
-
-
-def load_model_dir(model_or_dir, tokenizer=None):
-    """``(model, tokenizer)``: a model passes through; a directory loads with ``load_pruned`` (pruned) or
-    ``from_pretrained``, with its tokenizer when ``tokenizer`` is None and the directory has one."""
-    if isinstance(model_or_dir, nn.Module):
-        return model_or_dir, tokenizer
-    path = Path(model_or_dir).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model directory (no config.json)")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    config = AutoConfig.from_pretrained(path)
-    if getattr(config.get_text_config(), "pruned_layers", None):
-        from ..core.checkpoint import load_pruned
-
-        model = load_pruned(path)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            logger.info("no tokenizer in %s (%s)", path, exc)
-    return model, tokenizer
 
 
 def export_gguf(model_or_dir, path: str | os.PathLike, tokenizer=None, overwrite: bool = False, dtype: str = "f32",
@@ -422,11 +390,7 @@ def export_gguf(model_or_dir, path: str | os.PathLike, tokenizer=None, overwrite
     if source is None and tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer=, tokenizer_gguf=, or a directory that contains one")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with atomic_file(out) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "")).name or "pruned-model")
@@ -463,160 +427,7 @@ def export_gguf(model_or_dir, path: str | os.PathLike, tokenizer=None, overwrite
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     stand_ins = [i for i, p in enumerate(plan) if p.zero_attention or p.zero_mlp]
     logger.info("GGUF (%s, %s, %d layers, %d tensors) written to %s%s", arch, dtype, len(plan), n_tensors, out,
                 f"; zero stand-in blocks in layers {stand_ins}" if stand_ins else "")
     return out
-
-
-# ---------------------------------------------------------------------------------------------- runtime
-
-_DRIVER = r"""
-import { readFileSync } from "node:fs";
-import { pathToFileURL } from "node:url";
-import path from "node:path";
-const [dir, reqFile] = process.argv.slice(2);
-const req = JSON.parse(readFileSync(reqFile, "utf8"));
-const lib = await import(pathToFileURL(path.join(dir, "node_modules/node-llama-cpp/dist/index.js")).href);
-const llama = await lib.getLlama({ gpu: false, build: "never", skipDownload: true, maxThreads: req.threads,
-                                   logLevel: lib.LlamaLogLevel.error, progressLogs: false });
-const model = await llama.loadModel({ modelPath: req.model, gpuLayers: 0 });
-const results = [];
-for (const prompt of req.prompts) {
-  const ctx = await model.createContext({ contextSize: req.context_size, threads: req.threads,
-                                         experimentalKvCacheKeyType: req.kv_cache,
-                                         experimentalKvCacheValueType: req.kv_cache,
-                                         flashAttention: req.flash_attention });
-  const seq = ctx.getSequence();
-  let input = prompt.map((t, i) => (i === prompt.length - 1 ? [t, { generateNext: { logits: true } }] : t));
-  const generated = [], steps = [];
-  for (let s = 0; s < req.n_predict; s++) {
-    const res = await seq.controlledEvaluate(input);
-    const logits = res[res.length - 1].next.logits;
-    let best = -1, bestValue = -Infinity;
-    const dense = req.return_logits ? new Array(logits.size) : null;
-    for (const [token, value] of logits) {
-      if (value > bestValue) { bestValue = value; best = token; }
-      if (dense) dense[token] = value;
-    }
-    generated.push(best);
-    if (dense) steps.push(dense);
-    input = [[best, { generateNext: { logits: true } }]];
-  }
-  results.push({ generated, logits: req.return_logits ? steps : null });
-  await ctx.dispose();
-}
-process.stdout.write(JSON.stringify({ results }));
-await model.dispose();
-await llama.dispose();
-"""
-
-
-class LlamaCppUnavailable(RuntimeError):
-    """node and the ``node-llama-cpp`` package were not found."""
-
-
-def find_node_llama_cpp() -> Path | None:
-    """Folder whose ``node_modules/node-llama-cpp`` holds the runtime: ``$PG_PRUNING_NODE_LLAMA_CPP``, else
-    ``<cache>/node-llama-cpp``; ``None`` when absent or when ``node`` is not on PATH."""
-    from ..resources.assets import cache_dir
-
-    env = os.environ.get(NODE_LLAMA_CPP_ENV)
-    candidates = [Path(env).expanduser()] if env else [cache_dir() / "node-llama-cpp"]
-    if shutil.which("node") is None:
-        return None
-    for folder in candidates:
-        if (folder / "node_modules" / "node-llama-cpp" / "dist" / "index.js").is_file():
-            return folder
-    return None
-
-
-def llama_cpp_greedy(gguf_path: str | os.PathLike, prompts: list[list[int]], n_predict: int = 16,
-                     return_logits: bool = False, threads: int = 1, kv_cache: str = "f16",
-                     flash_attention: bool | str = "auto", runtime: Path | None = None,
-                     timeout: float = 600) -> list[dict]:
-    """Greedy (argmax) continuation of token-id ``prompts`` by llama.cpp on CPU, via node-llama-cpp.
-
-    ``kv_cache``: ``"f16"`` (llama.cpp's default) or ``"f32"``; ``flash_attention``: ``"auto"`` (default),
-    True or False. On CPU, flash attention rounds K/V to f16 even with an f32 cache, so exact
-    comparisons need ``kv_cache="f32", flash_attention=False``.
-    Returns one ``{"generated": [ids], "logits": [[vocab floats] per step] | None}`` per prompt. Raises
-    :class:`LlamaCppUnavailable` when the runtime is missing, ``RuntimeError`` when llama.cpp fails.
-    """
-    if kv_cache not in ("f16", "f32"):
-        raise ValueError(f"kv_cache must be 'f16' or 'f32', got {kv_cache!r}")
-    runtime = runtime or find_node_llama_cpp()
-    if runtime is None:
-        raise LlamaCppUnavailable(
-            f"llama.cpp runtime not found: run `npm install --prefix DIR node-llama-cpp@{NODE_LLAMA_CPP_VERSION}` "
-            f"and set {NODE_LLAMA_CPP_ENV}=DIR (node >= 20 on PATH)")
-    longest = max(len(p) for p in prompts)
-    request = {"model": str(Path(gguf_path).resolve()), "prompts": prompts, "n_predict": n_predict,
-               "return_logits": return_logits, "threads": threads, "kv_cache": kv_cache.upper(),
-               "flash_attention": flash_attention,
-               "context_size": max(64, longest + n_predict + 8)}
-    with tempfile.TemporaryDirectory(prefix="pg-llama-cpp-") as tmp:
-        driver, req = Path(tmp) / "driver.mjs", Path(tmp) / "request.json"
-        driver.write_text(_DRIVER)
-        req.write_text(json.dumps(request))
-        proc = subprocess.run(["node", str(driver), str(runtime), str(req)], capture_output=True, text=True,
-                              timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"llama.cpp (node-llama-cpp) failed on {gguf_path}: {proc.stderr.strip()[-2000:]}")
-    return json.loads(proc.stdout)["results"]
-
-
-@dataclass
-class Comparison:
-    """Greedy tokens of transformers and llama.cpp for one prompt, and their logit difference."""
-
-    prompt: list[int]
-    transformers: list[int]
-    llama_cpp: list[int]
-    max_abs_logit_diff: float  # over the steps where both saw the same prefix
-    max_abs_logit: float
-    steps_compared: int
-
-    @property
-    def tokens_equal(self) -> bool:
-        return self.transformers == self.llama_cpp
-
-
-@torch.no_grad()
-def _hf_greedy(model: nn.Module, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    for _ in range(n):
-        nxt = model(ids, use_cache=False).logits[0, -1].argmax()
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return ids[0, len(prompt):].tolist()
-
-
-@torch.no_grad()
-def compare_with_llama_cpp(model: nn.Module, gguf_path: str | os.PathLike, prompts: list[list[int]],
-                           n_predict: int = 16, threads: int = 1, exact: bool = True,
-                           runtime: Path | None = None) -> list[Comparison]:
-    """Greedy ``n_predict`` tokens of ``model`` (transformers; converted to float32 in place) and of
-    ``gguf_path`` (llama.cpp) per prompt, plus the largest logit difference over the steps where both had
-    generated the same prefix. ``exact``: run llama.cpp with an f32 KV cache and without flash attention
-    (its defaults, f16 K/V, round the logits at about 1e-3 relative)."""
-    model = model.float().eval()
-    results = llama_cpp_greedy(gguf_path, prompts, n_predict, return_logits=True, threads=threads,
-                               kv_cache="f32" if exact else "f16", flash_attention=False if exact else "auto",
-                               runtime=runtime)
-    comparisons = []
-    for prompt, res in zip(prompts, results):
-        ours = _hf_greedy(model, prompt, n_predict)
-        theirs = res["generated"]
-        same = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), n_predict)
-        steps = min(same + 1, n_predict)  # step `same` still has the same prefix
-        full = torch.tensor([prompt + theirs])
-        hf_logits = model(full, use_cache=False).logits[0, len(prompt) - 1: len(prompt) - 1 + steps]
-        cpp_logits = torch.tensor(res["logits"][:steps], dtype=torch.float32)
-        diff = float((hf_logits - cpp_logits).abs().max())
-        comparisons.append(Comparison(prompt, ours, theirs, diff, float(hf_logits.abs().max()), steps))
-    return comparisons

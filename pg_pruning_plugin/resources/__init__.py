@@ -1,1 +1,1 @@
-"""resources"""
+"""What the package reads and writes: offline assets, models, text sources, atomic files."""

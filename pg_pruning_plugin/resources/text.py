@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -35,6 +33,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .assets import cache_dir, wiki_summaries_json
+from .files import atomic_file
 
 logger = logging.getLogger(__name__)
 
@@ -254,15 +253,8 @@ def source_token_ids(tokenizer: PreTrainedTokenizerBase, source: str, split: Spl
     text = load_text(source, split)
     logger.info("tokenizing %s (%s): %d characters", source, split, len(text))
     ids = torch.tensor(_encode(tokenizer, text), dtype=torch.int32 if len(tokenizer) < 2**31 else torch.long)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(ids, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return ids
 
 

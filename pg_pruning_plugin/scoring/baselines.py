@@ -1,9 +1,9 @@
 """Baseline pruners in the policy-gradient search space: they pick KV groups and MLP channels.
 
-Every baseline returns 0/1 :class:`~pg_pruning_plugin.metrics.UnitScores` masks over the same units
-as :class:`~pg_pruning_plugin.search.PolicyGradientSearch`, so ``removal.prune_model`` removes them.
-The budget is given the same way as :class:`~pg_pruning_plugin.search.SearchConfig` gives it: the
-fraction of KV groups and the fraction of MLP channels removed.
+Every baseline returns 0/1 :class:`~pg_pruning_plugin.core.units.UnitValues` masks over the same units
+as :class:`~pg_pruning_plugin.search.loop.PolicyGradientSearch`, so ``core.removal.prune_model`` removes
+them. The budget is given the same way as :class:`~pg_pruning_plugin.search.config.SearchConfig` gives it:
+the fraction of KV groups and the fraction of MLP channels removed.
 
 Methods (:data:`BASELINES`); higher scores mean "keep":
 
@@ -19,7 +19,8 @@ Methods (:data:`BASELINES`); higher scores mean "keep":
   o_proj/down_proj from one dense pass (squared for attention, as the FLAP code does), standardised
   within each layer per module type, averaged over a KV group's channels, then ranked across all
   layers per type (FLAP's adaptive structure with the budget split per type, its ``AL-MM``), with
-  bias compensation (:func:`flap_biases`).
+  bias compensation (:func:`flap_biases`). The init metric ``wifv`` (scoring/metrics.py) is the same
+  per-channel value grouped as Wanda-sp groups it.
 * ``flap-joint``: the same with FLAP's default ``AL-AM`` structure: attention and MLP units in one
   ranking, each weighted by its parameter count; the *prunable-parameter* fraction removed matches
   (the KV-group / channel fractions then differ from the search's).
@@ -27,17 +28,18 @@ Methods (:data:`BASELINES`); higher scores mean "keep":
   ``Σ |w · ∂L/∂w|`` over each unit's coupled weights, with ``L`` the mean next-token cross-entropy
   over the calibration batches (one backward per batch, gradients accumulated).
 
-Selection (:data:`STRUCTURES`): ``uniform`` keeps ``n − int(n·(1−r))`` units in every layer (as
-``policy.top_k_mask(..., global_pool=False)``); ``global`` keeps exactly ``n − int(n·(1−r))`` units
-of each type over all layers (the search's count), the best unit of each layer always among them.
+Selection (:data:`STRUCTURES`): ``uniform`` keeps ``kept_count(n, r)`` units in every layer (as
+``core.selection.top_k_mask(..., global_pool=False)``); ``global`` keeps exactly ``kept_count(n, r)`` units
+of each type over all layers (the search's count, core/selection.py), the best unit of each layer always
+among them.
 Note that ``uniform`` cannot hit small fractions of few units: with 3 KV groups per layer, 30 %
 removes none.
 
 Depth baselines (whole blocks; compare with ``SearchConfig(granularity="depth")``) use the block
 influence of ShortGPT (Men et al., 2024), ``1 − cos(x_in, x_out)`` across a block
-(:func:`metrics.block_influence`): :func:`block_influence_masks` removes given numbers of attention and
-MLP blocks with the lowest influence; :func:`layer_influence_masks` removes whole decoder layers
-(ShortGPT itself).
+(:func:`~pg_pruning_plugin.scoring.metrics.block_influence`): :func:`block_influence_masks` removes given
+numbers of attention and MLP blocks with the lowest influence; :func:`layer_influence_masks` removes whole
+decoder layers (ShortGPT itself).
 """
 
 from __future__ import annotations
@@ -48,12 +50,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..core.architectures import SearchSpace, decoder_layers
-from .metrics import BlockInfluence, UnitScores, _InputStats, compute_metric
-from ..search.policy import top_k_mask
+from ..core.architectures import SearchSpace, decoder_layers, projections
+from ..core.modeling import eval_mode, model_device, next_token_losses
+from ..core.selection import kept_count, top_k_mask
+from ..core.units import UnitValues
+from .metrics import BlockInfluence, InputStats, compute_metric, unit_weight_sums, weighted_input_variance
 
 __all__ = [
     "BASELINES",
@@ -92,8 +95,8 @@ class Baseline:
     per-layer ``(o_proj, down_proj)`` bias compensation (``[hidden]`` each) to add after pruning."""
 
     method: str
-    masks: UnitScores
-    scores: UnitScores
+    masks: UnitValues
+    scores: UnitValues
     structure: str
     biases: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -108,8 +111,8 @@ def _reserve_best(s: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
     return s
 
 
-def select_units(scores: UnitScores, space: SearchSpace, attn_keep: float, mlp_keep: float,
-                 structure: str) -> UnitScores:
+def select_units(scores: UnitValues, space: SearchSpace, attn_keep: float, mlp_keep: float,
+                 structure: str) -> UnitValues:
     """0/1 masks keeping the highest scores per type: per layer (``uniform``) or over all layers
     (``global``: exactly ``n − int(n·(1−keep))`` units, at least one per layer)."""
     if structure not in STRUCTURES:
@@ -118,14 +121,14 @@ def select_units(scores: UnitScores, space: SearchSpace, attn_keep: float, mlp_k
 
     def one(s: torch.Tensor, keep: float, offsets: list[int]) -> torch.Tensor:
         n, layers = offsets[-1], len(offsets) - 1
-        if glob and n - int(n * (1 - keep) + 1e-9) < layers:
+        if glob and kept_count(n, keep) < layers:
             raise ValueError(f"keeping {keep:.0%} of {n} units leaves fewer than one per layer ({layers} layers)")
         return top_k_mask(s, keep, offsets, global_pool=glob)
 
-    return UnitScores(one(scores.attn, attn_keep, space.attn_offsets), one(scores.mlp, mlp_keep, space.mlp_offsets))
+    return UnitValues(one(scores.attn, attn_keep, space.attn_offsets), one(scores.mlp, mlp_keep, space.mlp_offsets))
 
 
-def select_joint(scores: UnitScores, space: SearchSpace, keep: float) -> UnitScores:
+def select_joint(scores: UnitValues, space: SearchSpace, keep: float) -> UnitValues:
     """FLAP's ``AL-AM`` cut: one ranking over KV groups and channels of all layers, keeping the prefix
     whose parameter count is closest to ``keep`` of the prunable parameters (≥ 1 unit per layer and type)."""
     attn_w = torch.cat([torch.full((s.num_kv_groups,), float(space.params_per_attn_unit(i)), dtype=torch.float64)
@@ -139,7 +142,7 @@ def select_joint(scores: UnitScores, space: SearchSpace, keep: float) -> UnitSco
     count = max(count, 2 * space.num_layers)  # the reserved units
     keep_mask = torch.zeros(values.numel())
     keep_mask[order[:count]] = 1.0
-    return UnitScores(keep_mask[:space.num_attn_units], keep_mask[space.num_attn_units:])
+    return UnitValues(keep_mask[:space.num_attn_units], keep_mask[space.num_attn_units:])
 
 
 # ------------------------------------------------------------------------------------------------ FLAP
@@ -165,27 +168,21 @@ def flap_statistics(model: nn.Module, batches: Sequence[torch.Tensor], progress:
         raise ValueError("FLAP needs calibration batches")
     space = SearchSpace.from_model(model)
     spec = space.spec
-    projections = [(getattr(getattr(layer, spec.attention), spec.o), getattr(getattr(layer, spec.mlp), spec.down))
-                   for layer in decoder_layers(model)]
-    stats = [(_InputStats(o), _InputStats(d)) for o, d in projections]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    outputs = [(getattr(getattr(layer, spec.attention), spec.o), getattr(getattr(layer, spec.mlp), spec.down))
+               for layer in decoder_layers(model)]
+    stats = [(InputStats(o), InputStats(d)) for o, d in outputs]
+    device = model_device(model)
     try:
-        for ids in tqdm(batches, desc="FLAP statistics", disable=not progress, leave=False):
-            model(input_ids=ids.to(device), use_cache=False)
+        with eval_mode(model):
+            for ids in tqdm(batches, desc="FLAP statistics", disable=not progress, leave=False):
+                model(input_ids=ids.to(device), use_cache=False)
     finally:
         for pair in stats:
             for s in pair:
                 s.handle.remove()
-        model.train(was_training)
-
-    def wifv(s: _InputStats, lin: nn.Linear) -> torch.Tensor:
-        return s.variance() * lin.weight.detach().double().cpu().pow(2).sum(0)
-
     return FlapStatistics(
-        attn_metric=[wifv(so, o) ** 2 for (so, _), (o, _) in zip(stats, projections)],
-        mlp_metric=[wifv(sd, d) for (_, sd), (_, d) in zip(stats, projections)],
+        attn_metric=[weighted_input_variance(so, o.weight) ** 2 for (so, _), (o, _) in zip(stats, outputs)],
+        mlp_metric=[weighted_input_variance(sd, d.weight) for (_, sd), (_, d) in zip(stats, outputs)],
         o_mean=[so.sum / max(so.tokens, 1) for so, _ in stats],
         down_mean=[sd.sum / max(sd.tokens, 1) for _, sd in stats],
     )
@@ -195,15 +192,15 @@ def _standardise(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std()
 
 
-def flap_scores(stats: FlapStatistics, space: SearchSpace) -> UnitScores:
+def flap_scores(stats: FlapStatistics, space: SearchSpace) -> UnitValues:
     """FLAP's adaptive scores: each layer's channel metric standardised per type; a KV group's score
     is the mean over its ``n_rep·d`` standardised channels."""
     attn = [_standardise(m).view(s.num_kv_groups, -1).mean(1) for m, s in zip(stats.attn_metric, space.layers)]
     mlp = [_standardise(m) for m in stats.mlp_metric]
-    return UnitScores(torch.cat(attn).float(), torch.cat(mlp).float())
+    return UnitValues(torch.cat(attn).float(), torch.cat(mlp).float())
 
 
-def flap_biases(model: nn.Module, stats: FlapStatistics, masks: UnitScores) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def flap_biases(model: nn.Module, stats: FlapStatistics, masks: UnitValues) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """FLAP's bias compensation from the *dense* ``model``: per layer ``W_o[:, removed] @ E[x][removed]``
     for o_proj and the same for down_proj (``[hidden]`` each, float32)."""
     space = SearchSpace.from_model(model)
@@ -233,7 +230,7 @@ def apply_biases(model: nn.Module, biases: list[tuple[torch.Tensor, torch.Tensor
 
     Works on the dense (masked) and on the pruned model alike: the biases live on the hidden size.
     For Llama the config is switched to ``attention_bias``/``mlp_bias`` and the other projections get
-    zero biases, so ``checkpoint.save_pruned`` / ``load_pruned`` (and stock ``from_pretrained`` for
+    zero biases, so ``core.checkpoint.save_pruned`` / ``load_pruned`` (and stock ``from_pretrained`` for
     uniform widths) round-trip the model. Other architectures hard-code bias-free projections: the
     compensated model is correct in memory, but a saved checkpoint would lose the biases (a warning says so).
     """
@@ -262,32 +259,7 @@ def apply_biases(model: nn.Module, biases: list[tuple[torch.Tensor, torch.Tensor
 
 # ---------------------------------------------------------------------------------------------- Taylor
 
-def _unit_sums(model: nn.Module, space: SearchSpace, value: Callable[[nn.Linear], torch.Tensor]) -> UnitScores:
-    """Sum of the elementwise ``value(linear)`` over each unit's coupled weights (float64 on CPU)."""
-    spec = space.spec
-    attn, mlp = [], []
-    for layer, shape in zip(decoder_layers(model), space.layers):
-        a, m = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        n_kv = shape.num_kv_groups
-        rows = lambda lin: value(lin).double().cpu().sum(1).view(n_kv, -1).sum(1)  # noqa: E731
-        attn.append(rows(getattr(a, spec.q)) + rows(getattr(a, spec.k)) + rows(getattr(a, spec.v))
-                    + value(getattr(a, spec.o)).double().cpu().sum(0).view(n_kv, -1).sum(1))
-        mlp.append(value(getattr(m, spec.gate)).double().cpu().sum(1) + value(getattr(m, spec.up)).double().cpu().sum(1)
-                   + value(getattr(m, spec.down)).double().cpu().sum(0))
-    return UnitScores(torch.cat(attn), torch.cat(mlp))
-
-
-def _projection_weights(model: nn.Module, space: SearchSpace) -> list[nn.Parameter]:
-    spec = space.spec
-    out = []
-    for layer in decoder_layers(model):
-        a, m = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        out += [getattr(a, n).weight for n in (spec.q, spec.k, spec.v, spec.o)]
-        out += [getattr(m, n).weight for n in (spec.gate, spec.up, spec.down)]
-    return out
-
-
-def taylor_scores(model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = True) -> UnitScores:
+def taylor_scores(model: nn.Module, batches: Sequence[torch.Tensor], progress: bool = True) -> UnitValues:
     """LLM-Pruner's first-order Taylor importance ``Σ_unit |w · ∂L/∂w|``.
 
     ``L`` is the mean over ``batches`` of each batch's mean next-token cross-entropy; only the
@@ -301,30 +273,30 @@ def taylor_scores(model: nn.Module, batches: Sequence[torch.Tensor], progress: b
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     old_grads = [p.grad for p in params]
-    weights = _projection_weights(model, space)
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
+    device = model_device(model)
     try:
         for p in params:
             p.requires_grad_(False)
             p.grad = None
-        for w in weights:
-            w.requires_grad_(True)
-        with torch.enable_grad():
+        for projection in projections(model):
+            projection.linear.weight.requires_grad_(True)
+        with eval_mode(model), torch.enable_grad():
             for ids in tqdm(batches, desc="Taylor gradients", disable=not progress, leave=False):
                 ids = ids.to(device)
-                logits = model(input_ids=ids, use_cache=False).logits
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss = next_token_losses(model(input_ids=ids, use_cache=False).logits, ids).mean()
                 (loss / len(batches)).backward()
-                del logits, loss
-        scores = _unit_sums(model, space, lambda lin: (lin.weight.detach().double() * lin.weight.grad.double()).abs())
+                del loss
+        scores = unit_weight_sums(model, space, _first_order_saliency)
     finally:
         for p, flag, grad in zip(params, flags, old_grads):
             p.grad = grad
             p.requires_grad_(flag)
-        model.train(was_training)
-    return UnitScores(scores.attn.float(), scores.mlp.float())
+    return scores.map(torch.Tensor.float)
+
+
+def _first_order_saliency(linear: nn.Linear) -> torch.Tensor:
+    """``|w · ∂L/∂w|`` of a projection's weight (float64)."""
+    return (linear.weight.detach().double() * linear.weight.grad.double()).abs()
 
 
 # -------------------------------------------------------------------------------------------- front end
@@ -357,7 +329,7 @@ def baseline_masks(
     (:data:`DATA_DRIVEN`). ``structure`` overrides the default selection (``uniform`` for wanda-sp,
     ``global`` otherwise; ``flap-joint`` has its own). ``cache``: pass one dict to several calls on
     the same model and batches to reuse the ratio-independent statistics (FLAP, Taylor, magnitude).
-    The model is not modified; prune with ``removal.prune_model(model, result.masks)`` and, for
+    The model is not modified; prune with ``core.removal.prune_model(model, result.masks)`` and, for
     FLAP, then ``apply_biases(model, result.biases)``.
     """
     if method not in BASELINES:
@@ -414,19 +386,19 @@ def _lowest(values: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def block_influence_masks(influence: BlockInfluence, space: SearchSpace, removed_attn: int,
-                          removed_mlp: int) -> UnitScores:
+                          removed_mlp: int) -> UnitValues:
     """Remove the ``removed_attn`` attention blocks and ``removed_mlp`` MLP blocks of lowest influence."""
     if not (0 <= removed_attn <= space.num_layers and 0 <= removed_mlp <= space.num_layers):
         raise ValueError(f"block counts must lie in [0, {space.num_layers}]")
     if removed_attn == removed_mlp == space.num_layers:
         raise ValueError("removing every block leaves no decoder layer")
-    return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units),
+    return UnitValues(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units),
                       _lowest(influence.attn, removed_attn), _lowest(influence.mlp, removed_mlp))
 
 
-def layer_influence_masks(influence: BlockInfluence, space: SearchSpace, removed_layers: int) -> UnitScores:
+def layer_influence_masks(influence: BlockInfluence, space: SearchSpace, removed_layers: int) -> UnitValues:
     """ShortGPT: remove the ``removed_layers`` whole decoder layers of lowest influence."""
     if not 0 <= removed_layers < space.num_layers:
         raise ValueError(f"removed_layers must lie in [0, {space.num_layers - 1}]: one layer must stay")
     keep = _lowest(influence.layer, removed_layers)
-    return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units), keep, keep.clone())
+    return UnitValues(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units), keep, keep.clone())

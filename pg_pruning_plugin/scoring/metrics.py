@@ -4,8 +4,10 @@
   channel c; computed layer by layer, each layer seeing the previous layers with their per-layer
   uniform init mask applied (method.md §7.1). Attention: sum over a head's ``d`` channels, mean
   over the ``n_rep`` query heads of a KV group.
-* ``flap``: FLAP's weighted input-feature variance ``Var_t(x_c) · ‖W_{:,c}‖²``, grouped the same way
-  (also layer by layer under the init mask).
+* ``wifv``: FLAP's weighted input-feature variance ``Var_t(x_c) · ‖W_{:,c}‖²``, grouped the same way
+  (also layer by layer under the init mask). The FLAP *baseline* (scoring/baselines.py) groups the same
+  per-channel values differently (squared, standardised, mean over a KV group's channels), so it is
+  named ``flap`` and this metric is not.
 * ``magnitude``: squared L2 norm of all weights coupled to the unit (q/k/v rows + o columns, or
   gate/up rows + down column): Torch-Pruning's group magnitude with sum reduction.
 * ``random``: standard-normal noise (seeded); ``constant``: all equal.
@@ -16,7 +18,7 @@ Higher means more important everywhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,43 +26,20 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core.architectures import SearchSpace, decoder_layers
-from ..core.masking import UnitMasks, masked
-from ..search.policy import top_k_mask
+from ..core.masking import masked
+from ..core.modeling import eval_mode, model_device
+from ..core.selection import top_k_mask
+from ..core.units import UnitValues
 
-__all__ = ["METRICS", "BlockInfluence", "UnitScores", "block_influence", "compute_metric"]
+__all__ = ["METRICS", "BlockInfluence", "InputStats", "block_influence", "compute_metric", "unit_weight_sums",
+           "weighted_input_variance"]
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("wanda-sp", "flap", "magnitude", "random", "constant")
-_ACTIVATION_METRICS = ("wanda-sp", "flap")
+METRICS = ("wanda-sp", "wifv", "magnitude", "random", "constant")
 
 
-@dataclass
-class UnitScores:
-    """One value per unit, flat per type in :class:`SearchSpace` order.
-
-    ``attn_blocks``/``mlp_blocks`` (one value per decoder layer) are present only when whole
-    attention or MLP blocks are units too (depth granularity); ``None`` means every block stays.
-    """
-
-    attn: torch.Tensor  # [num_attn_units]
-    mlp: torch.Tensor  # [num_mlp_units]
-    attn_blocks: torch.Tensor | None = None  # [num_layers]
-    mlp_blocks: torch.Tensor | None = None  # [num_layers]
-
-    @property
-    def has_blocks(self) -> bool:
-        return self.attn_blocks is not None
-
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        """The tensors by name (block entries only when present)."""
-        out = {"attn": self.attn, "mlp": self.mlp}
-        if self.has_blocks:
-            out |= {"attn_blocks": self.attn_blocks, "mlp_blocks": self.mlp_blocks}
-        return out
-
-
-class _InputStats:
+class InputStats:
     """Per-input-channel running sum, sum of squares and token count of a Linear's input."""
 
     def __init__(self, module: nn.Linear):
@@ -84,11 +63,15 @@ class _InputStats:
         return (self.sq / max(self.tokens, 1) - mean * mean).clamp_min(0)
 
 
-def _per_channel(method: str, stats: _InputStats, weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach().double().cpu()
+def weighted_input_variance(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
+    """FLAP's per-input-channel metric ``Var_t(x_c) · ‖W_{:,c}‖²`` (float64), from a Linear's input statistics."""
+    return stats.variance() * weight.detach().double().cpu().pow(2).sum(0)
+
+
+def _per_channel(method: str, stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
     if method == "wanda-sp":
-        return (w.abs() * stats.mean_sq().sqrt()[None, :]).mean(0)
-    return stats.variance() * (w * w).sum(0)  # flap
+        return (weight.detach().double().cpu().abs() * stats.mean_sq().sqrt()[None, :]).mean(0)
+    return weighted_input_variance(stats, weight)  # wifv
 
 
 def _group_heads(per_channel: torch.Tensor, n_kv: int, n_rep: int, head_dim: int) -> torch.Tensor:
@@ -96,19 +79,27 @@ def _group_heads(per_channel: torch.Tensor, n_kv: int, n_rep: int, head_dim: int
     return per_channel.view(n_kv, n_rep, head_dim).sum(-1).mean(-1)
 
 
-def _magnitude(model: nn.Module, space: SearchSpace) -> UnitScores:
+def unit_weight_sums(model: nn.Module, space: SearchSpace,
+                     value: Callable[[nn.Linear], torch.Tensor]) -> UnitValues:
+    """Per unit, the sum of the elementwise ``value(linear)`` over its coupled weights (float64 on the CPU):
+    a KV group's q/k/v rows and o columns, an MLP channel's gate/up rows and down column."""
     spec = space.spec
     attn, mlp = [], []
     for layer, shape in zip(decoder_layers(model), space.layers):
         a, m = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        sq = lambda lin, dim: lin.weight.detach().double().pow(2).sum(dim)  # noqa: E731
-        q = sq(getattr(a, spec.q), 1).view(shape.num_kv_groups, -1).sum(1)
-        k = sq(getattr(a, spec.k), 1).view(shape.num_kv_groups, -1).sum(1)
-        v = sq(getattr(a, spec.v), 1).view(shape.num_kv_groups, -1).sum(1)
-        o = sq(getattr(a, spec.o), 0).view(shape.num_kv_groups, -1).sum(1)
-        attn.append(q + k + v + o)
-        mlp.append(sq(getattr(m, spec.gate), 1) + sq(getattr(m, spec.up), 1) + sq(getattr(m, spec.down), 0))
-    return UnitScores(torch.cat(attn).float(), torch.cat(mlp).float())
+        n_kv = shape.num_kv_groups
+
+        def summed(linear: nn.Linear, dim: int) -> torch.Tensor:
+            return value(linear).double().cpu().sum(dim)
+
+        attn.append(sum(summed(getattr(a, name), 1).view(n_kv, -1).sum(1) for name in (spec.q, spec.k, spec.v))
+                    + summed(getattr(a, spec.o), 0).view(n_kv, -1).sum(1))
+        mlp.append(summed(getattr(m, spec.gate), 1) + summed(getattr(m, spec.up), 1) + summed(getattr(m, spec.down), 0))
+    return UnitValues(torch.cat(attn), torch.cat(mlp))
+
+
+def _squared_weights(linear: nn.Linear) -> torch.Tensor:
+    return linear.weight.detach().double().pow(2)
 
 
 def _capture_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> tuple[list, list]:
@@ -131,7 +122,7 @@ def _capture_layer_inputs(model: nn.Module, batches: Sequence[torch.Tensor]) -> 
     try:
         for b, ids in enumerate(batches):
             current["batch"] = b
-            model(input_ids=ids.to(model.device), use_cache=False)
+            model(input_ids=ids.to(model_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -147,7 +138,7 @@ def compute_metric(
     keep_ratio: float = 1.0,
     seed: int = 0,
     progress: bool = True,
-) -> UnitScores:
+) -> UnitValues:
     """Per-unit importance of ``method`` (one of :data:`METRICS`).
 
     Activation metrics need calibration ``batches`` (``[B, T]`` token ids) and use ``keep_ratio``
@@ -156,18 +147,23 @@ def compute_metric(
     if method not in METRICS:
         raise ValueError(f"unknown init metric {method!r}; choose one of {', '.join(METRICS)}")
     if method == "magnitude":
-        return _magnitude(model, space)
+        return unit_weight_sums(model, space, _squared_weights).map(torch.Tensor.float)
     if method == "random":
         g = torch.Generator().manual_seed(seed)
-        return UnitScores(torch.randn(space.num_attn_units, generator=g), torch.randn(space.num_mlp_units, generator=g))
+        return UnitValues(torch.randn(space.num_attn_units, generator=g), torch.randn(space.num_mlp_units, generator=g))
     if method == "constant":
-        return UnitScores(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units))
+        return UnitValues(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units))
     if not batches:
         raise ValueError(f"the {method} metric needs calibration batches")
 
+    with eval_mode(model):
+        return _layerwise_metric(model, space, method, batches, keep_ratio, progress)
+
+
+def _layerwise_metric(model: nn.Module, space: SearchSpace, method: str, batches: Sequence[torch.Tensor],
+                      keep_ratio: float, progress: bool) -> UnitValues:
+    """An activation metric measured layer by layer, each layer seeing the earlier ones under their init mask."""
     spec = space.spec
-    was_training = model.training
-    model.eval()
     hidden, layer_kwargs = _capture_layer_inputs(model, batches)
     attn_scores, mlp_scores = [], []
     layers = decoder_layers(model)
@@ -175,7 +171,7 @@ def compute_metric(
         shape = space.layers[i]
         o_proj = getattr(getattr(layer, spec.attention), spec.o)
         down_proj = getattr(getattr(layer, spec.mlp), spec.down)
-        o_stats, down_stats = _InputStats(o_proj), _InputStats(down_proj)
+        o_stats, down_stats = InputStats(o_proj), InputStats(down_proj)
         try:
             for b, h in enumerate(hidden):
                 args, kw = layer_kwargs[b][i]
@@ -189,7 +185,7 @@ def compute_metric(
         attn_scores.append(attn.float())
         mlp_scores.append(mlp.float())
         # Propagate through this layer with its per-layer uniform init mask (a one-layer search space).
-        layer_masks = UnitMasks(
+        layer_masks = UnitValues(
             top_k_mask(attn, keep_ratio, [0, attn.numel()], global_pool=False),
             top_k_mask(mlp, keep_ratio, [0, mlp.numel()], global_pool=False),
         )
@@ -199,8 +195,7 @@ def compute_metric(
                 args, kw = layer_kwargs[b][i]
                 out = layer(h, *args, **kw)
                 hidden[b] = out[0] if isinstance(out, tuple) else out
-    model.train(was_training)
-    return UnitScores(torch.cat(attn_scores), torch.cat(mlp_scores))
+    return UnitValues(torch.cat(attn_scores), torch.cat(mlp_scores))
 
 
 class _LayerAsModel(nn.Module):
@@ -274,13 +269,11 @@ def block_influence(model: nn.Module, space: SearchSpace, batches: Sequence[torc
         handles.append(layer.register_forward_pre_hook(layer_pre(i), with_kwargs=True))
         handles.append(getattr(layer, spec.mlp_norm).register_forward_pre_hook(norm_pre(i)))
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
-    was_training = model.training
-    model.eval()
     try:
-        for ids in tqdm(batches, desc="block influence", disable=not progress, leave=False):
-            model(input_ids=ids.to(model.device), use_cache=False)
+        with eval_mode(model):
+            for ids in tqdm(batches, desc="block influence", disable=not progress, leave=False):
+                model(input_ids=ids.to(model_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return BlockInfluence(attn.influence(), mlp.influence(), whole.influence())

@@ -1,49 +1,55 @@
-"""One budget in parameters or FLOPs over KV groups, MLP channels and whole blocks.
+"""The budget of a search: how much of the model may stay, and how that is enforced.
 
-Every width unit has a cost ``c`` (its weights by default, or forward FLOPs per token at a context
-length); a whole attention or MLP block costs what its kept width units cost. With block
-keep-probabilities ``b`` (1 when blocks are not searched) the expected kept cost is
+One object answers every budget question of a run. ``Budget.of(space, config)`` builds it once from
+a :class:`~pg_pruning_plugin.search.config.SearchConfig` and refuses a budget no mask can meet
+(:class:`BudgetError`, before any search step); the search loop, ``pg-prune prune``, the Torch-Pruning
+plugin and the llmcompressor modifier all ask it:
 
-    E[C] = Σ_l  b_attn,l · Σ_{g∈l} c_g s_g  +  b_mlp,l · Σ_{j∈l} c_j s_j
+* :meth:`Budget.initial_keep`: the mean keep-probability each unit type starts from;
+* :meth:`Budget.start` and :meth:`Budget.project`: the probabilities brought onto the budget
+  (method.md §6), at the start and after every step;
+* :meth:`Budget.hard_mask`: the final 0/1 masks;
+* :meth:`Budget.requested`, :meth:`Budget.accounting`: what was asked, for reports.
 
-and :func:`project_to_cost` keeps ``E[C]`` at the budget after every step: every searched
-probability moves down by the same ``v ≥ 0``, found by bisection on the cost-weighted sum (the
-paper's projection with a weighted constraint). :func:`cost_mask` then drops units in order of increasing keep-probability
-until the kept cost is within the budget.
+There are two variants. :class:`TypeBudget` is the paper's: a separate fraction of KV groups and of
+MLP channels removed, over all layers or in every layer. :class:`CostBudget` is one budget in
+parameters, FLOPs or custom costs over all searched units, whole blocks included (search/costs.py).
+Fractions become counts through the one count rule :func:`~pg_pruning_plugin.core.selection.removed_count`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterable
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..core.architectures import SearchSpace
-from ..scoring.metrics import UnitScores
-from ..reporting import count_parameters
+from ..core.selection import kept_count, removed_count, top_k_mask
+from ..core.units import BLOCK_TYPES, WIDTH_TYPES, UnitValues
+from .costs import budget_accounting, cost_mask, expected_cost, minimum_cost, project_to_cost, unit_costs
+
+if TYPE_CHECKING:
+    from .config import SearchConfig
 
 __all__ = [
-    "COSTS",
     "GRANULARITIES",
+    "Budget",
     "BudgetError",
-    "budget_accounting",
-    "cost_mask",
-    "expected_cost",
-    "format_accounting",
-    "minimum_cost",
-    "project_to_cost",
+    "CostBudget",
+    "TypeBudget",
+    "hard_masks",
+    "project_pools",
+    "project_to_budget",
+    "searched_types",
     "sparsity_for_parameters",
-    "unit_costs",
 ]
 
-COSTS = ("params", "flops", "custom")
 # width: KV groups and MLP channels; depth: whole attention and MLP blocks; width+depth: all four.
 GRANULARITIES = ("width", "depth", "width+depth")
-WIDTH_TYPES = ("attn", "mlp")
-BLOCK_TYPES = ("attn_blocks", "mlp_blocks")
 
 
 class BudgetError(ValueError):
@@ -51,265 +57,281 @@ class BudgetError(ValueError):
 
 
 def searched_types(granularity: str) -> tuple[str, ...]:
-    """The :class:`UnitScores` fields that carry Bernoulli units under ``granularity``."""
+    """The unit types that carry Bernoulli keep-probabilities under ``granularity``."""
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r}; choose one of {', '.join(GRANULARITIES)}")
     return {"width": WIDTH_TYPES, "depth": BLOCK_TYPES, "width+depth": WIDTH_TYPES + BLOCK_TYPES}[granularity]
 
 
-def unit_costs(space: SearchSpace, cost: str = "params", seq_len: int = 2048,
-               custom: dict[str, float] | None = None) -> UnitScores:
-    """Cost of every KV group and MLP channel (float64). ``custom``: ``{"attn": c, "mlp": c}`` per unit."""
-    if cost == "params":
-        attn = [float(space.params_per_attn_unit(i)) for i in range(space.num_layers)]
-        mlp = float(space.params_per_mlp_unit())
-    elif cost == "flops":
-        attn = [float(space.flops_per_attn_unit(i, seq_len)) for i in range(space.num_layers)]
-        mlp = float(space.flops_per_mlp_unit())
-    elif cost == "custom":
-        check_custom_costs(custom)
-        attn, mlp = [float(custom["attn"])] * space.num_layers, float(custom["mlp"])
-    else:
-        raise ValueError(f"cost={cost!r}; choose one of {', '.join(COSTS)}")
-    return UnitScores(
-        torch.cat([torch.full((s.num_kv_groups,), attn[i], dtype=torch.float64) for i, s in enumerate(space.layers)]),
-        torch.full((space.num_mlp_units,), mlp, dtype=torch.float64),
-    )
+def project_to_budget(s: torch.Tensor, budget: float, tol: float = 1e-3, max_iter: int = 20) -> torch.Tensor:
+    """Shift ``s`` down by ``v ≥ 0`` so that ``Σ clamp(s − v, 0, 1) ≈ budget``; never shifts up.
+
+    Bisection on ``v ∈ [0, max(s)]`` stopping at ``|f(v)| < tol`` or after ``max_iter`` halvings,
+    then clamp to [0, 1] (method.md §6).
+    """
+    if s.clamp(0, 1).sum() <= budget:
+        return s.clamp(0, 1)
+    lo, hi = 0.0, float(s.max())
+    v = hi
+    for _ in range(max_iter):
+        v = (lo + hi) / 2
+        excess = float((s - v).clamp(0, 1).sum()) - budget
+        if abs(excess) < tol:
+            break
+        if excess > 0:
+            lo = v
+        else:
+            hi = v
+    return (s - v).clamp(0, 1)
 
 
-def check_custom_costs(custom: dict[str, float] | None) -> None:
-    """Custom costs need a positive cost per KV group (``attn``) and per MLP channel (``mlp``)."""
-    if not custom or set(custom) != {"attn", "mlp"}:
-        raise ValueError("custom costs need exactly the keys 'attn' (per KV group) and 'mlp' (per MLP channel)")
-    for key, value in custom.items():
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"the cost of a {key} unit is {value!r}; every unit type needs a positive cost")
+def project_pools(s: torch.Tensor, keep_ratio: float, offsets: Sequence[int] | None) -> torch.Tensor:
+    """Project one pool (global, ``offsets=None``) or each ``offsets[l]:offsets[l+1]`` slice (per layer)."""
+    if offsets is None:
+        return project_to_budget(s, keep_ratio * s.numel())
+    out = s.clone()
+    for a, b in zip(offsets[:-1], offsets[1:]):
+        out[a:b] = project_to_budget(s[a:b], keep_ratio * (b - a))
+    return out
 
 
-def sparsity_for_parameters(model: torch.nn.Module, keep_params: int) -> float:
-    """The ``sparsity`` of ``SearchConfig(cost="params")`` that leaves ``keep_params`` parameters in all
-    (embeddings, norms and ``lm_head`` are never pruned; tied tensors count once)."""
-    total = count_parameters(model)
-    prunable = SearchSpace.from_model(model).prunable_parameters()
-    fixed = total - prunable
+def _keep_params_sparsity(space: SearchSpace, keep_params: int) -> float:
+    """The fraction of the prunable parameters to remove so that ``keep_params`` parameters remain in all."""
+    if space.fixed_parameters is None:
+        raise BudgetError("keep_params needs the model's parameter count; build the search space with "
+                          "SearchSpace.from_model")
+    prunable = space.prunable_parameters()
+    fixed, total = space.fixed_parameters, space.fixed_parameters + prunable
     if not fixed < keep_params < total:
         raise BudgetError(f"keeping {keep_params:,} parameters is out of reach: it must lie between the {fixed:,} "
                           f"that are never pruned (embeddings, norms, lm_head) and the model's {total:,}")
     return (total - keep_params) / prunable
 
 
-def _layer_ids(offsets: list[int]) -> torch.Tensor:
-    """Layer index of every unit (cached: the projection's bisection asks for it at every halving)."""
-    return _cached_layer_ids(tuple(offsets))
+def sparsity_for_parameters(model: torch.nn.Module, keep_params: int) -> float:
+    """The ``sparsity`` of ``SearchConfig(cost="params")`` that leaves ``keep_params`` parameters in all
+    (embeddings, norms and ``lm_head`` are never pruned; tied tensors count once)."""
+    return _keep_params_sparsity(SearchSpace.from_model(model), keep_params)
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_layer_ids(offsets: tuple[int, ...]) -> torch.Tensor:
-    return torch.repeat_interleave(torch.arange(len(offsets) - 1), torch.tensor(offsets).diff())
+@dataclass(frozen=True, kw_only=True)
+class Budget(ABC):
+    """What a search may keep of ``space`` (the unpruned model) and how that is enforced; see the module docstring.
 
-
-def _block_sums(values: torch.Tensor, offsets: list[int]) -> torch.Tensor:
-    """``[L]`` sums of ``values`` over each layer's slice."""
-    return torch.zeros(len(offsets) - 1, dtype=values.dtype).index_add(0, _layer_ids(offsets), values)
-
-
-def _width_costs(probs: UnitScores, costs: UnitScores, space: SearchSpace) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expected kept cost of each layer's attention and MLP widths, ``[L]`` each (blocks ignored)."""
-    return (_block_sums(costs.attn * probs.attn.double(), space.attn_offsets),
-            _block_sums(costs.mlp * probs.mlp.double(), space.mlp_offsets))
-
-
-def expected_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace) -> float:
-    """``E[C]`` under independent Bernoulli units (a hard 0/1 mask gives its exact kept cost)."""
-    attn, mlp = _width_costs(probs, costs, space)
-    if probs.has_blocks:
-        attn, mlp = attn * probs.attn_blocks.double(), mlp * probs.mlp_blocks.double()
-    return float(attn.sum() + mlp.sum())
-
-
-def project_to_cost(probs: UnitScores, costs: UnitScores, space: SearchSpace, budget: float,
-                    searched: Iterable[str], iterations: int = 60) -> UnitScores:
-    """Shift the ``searched`` probabilities down by one ``v ≥ 0`` (then clamp to [0, 1]) so that
-    ``E[C] = budget`` up to bisection precision; never shifts up, unsearched fields stay as they are.
-
-    For width units this is the paper's projection with the constraint weighted by cost: the
-    Euclidean projection onto ``Σ c_i s_i = B`` in the metric ``Σ c_i Δs_i²``, where moving an
-    expensive unit's probability costs in proportion. (The plain Euclidean projection would move each
-    unit by ``v·c_i``; a SmolLM2 KV group costs as much as 171 channels, so KV groups would absorb
-    almost every correction.)
+    ``round_to``: kept MLP widths of the final mask are rounded to the nearest multiple
+    (:func:`~pg_pruning_plugin.core.selection.nearest_multiple`). ``seq_len``: the context length of the
+    FLOPs figures in :meth:`accounting` (and of a FLOPs cost).
     """
-    searched = tuple(searched)
-    clamped = UnitScores(**{k: v.clamp(0, 1) for k, v in probs.as_dict().items()})
-    if expected_cost(clamped, costs, space) <= budget:
-        return clamped
-    start = {k: v.double() for k, v in clamped.as_dict().items()}
 
-    def shifted(v: float) -> UnitScores:
-        return UnitScores(**{k: (s - v).clamp(0, 1) if k in searched else s for k, s in start.items()})
+    space: SearchSpace
+    granularity: str
+    round_to: int | None
+    seq_len: int
 
-    lo, hi = 0.0, max(float(start[k].max()) for k in searched)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if expected_cost(shifted(mid), costs, space) > budget:
-            lo = mid
+    removed_count = staticmethod(removed_count)  # the one count rule
+
+    @classmethod
+    def of(cls, space: SearchSpace, config: SearchConfig) -> Budget:
+        """The budget ``config`` asks of ``space``; :class:`BudgetError` if no mask can meet it."""
+        common = dict(space=space, granularity=config.granularity, round_to=config.round_to,
+                      seq_len=config.cost_seq_len)
+        if config.cost is None:
+            budget = TypeBudget(**common, attn_sparsity=_given(config.attn_sparsity, config.sparsity),
+                                mlp_sparsity=_given(config.mlp_sparsity, config.sparsity),
+                                global_budget=config.global_budget, mask_rule=config.mask_rule)
         else:
-            hi = mid
-    return UnitScores(**{k: v.float() for k, v in shifted(hi).as_dict().items()})
+            sparsity = config.sparsity if config.keep_params is None else _keep_params_sparsity(space,
+                                                                                                 config.keep_params)
+            costs = unit_costs(space, config.cost, config.cost_seq_len, config.custom_costs)
+            budget = CostBudget(**common, cost=config.cost, costs=costs, sparsity=sparsity,
+                                keep_params=config.keep_params)
+        budget.check()
+        return budget
+
+    @property
+    def searched(self) -> tuple[str, ...]:
+        """The unit types that carry Bernoulli keep-probabilities."""
+        return searched_types(self.granularity)
+
+    @property
+    def global_pool(self) -> bool:
+        """True when units compete over all layers (heterogeneous widths), False for the same rate per layer."""
+        return True
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise :class:`BudgetError` unless a final mask can meet the budget."""
+
+    @abstractmethod
+    def initial_keep(self, kind: str) -> float:
+        """Mean keep-probability that units of type ``kind`` start from."""
+
+    @abstractmethod
+    def start(self, probs: UnitValues) -> UnitValues:
+        """The search's first probabilities, from the mapped initial scores ``probs``."""
+
+    @abstractmethod
+    def project(self, probs: UnitValues) -> UnitValues:
+        """``probs`` shifted down (never up) onto the budget and clamped to [0, 1] (method.md §6)."""
+
+    @abstractmethod
+    def hard_mask(self, probs: UnitValues) -> UnitValues:
+        """The final 0/1 masks of keep-probabilities ``probs``."""
+
+    @abstractmethod
+    def requested(self) -> dict:
+        """What the budget asks for, as plain data (``cost`` is None for the per-type budget)."""
+
+    @abstractmethod
+    def achieved(self, masks: UnitValues) -> dict | None:
+        """Requested vs kept cost of final ``masks`` (None for the per-type budget)."""
+
+    @abstractmethod
+    def removed_fractions(self, masks: UnitValues, layers: dict[str, list[int]]) -> dict[str, float]:
+        """Per width type, the fraction of the units of ``layers[kind]`` that a pruner ranking only those
+        layers removes to realise this budget, given the search's final ``masks``."""
+
+    def accounting(self, masks: UnitValues) -> dict:
+        """Requested vs achieved prunable parameters and FLOPs of final ``masks``
+        (:func:`~pg_pruning_plugin.search.costs.budget_accounting`)."""
+        requested = self.requested()
+        kept = {requested["cost"]: requested.get("kept_cost")}
+        return budget_accounting(self.space, masks, self.seq_len, requested_params=kept.get("params"),
+                                 requested_flops=kept.get("flops"))
 
 
-def minimum_cost(costs: UnitScores, space: SearchSpace, granularity: str, min_channels: int = 1) -> float:
-    """The smallest cost a final mask can keep: one KV group and ``min_channels`` channels per layer
-    (width), or one block of one decoder layer (depth), or the cheapest kept unit of one block (both)."""
-    attn_min = [float(costs.attn[space.attn_slice(i)].min()) for i in range(space.num_layers)]
-    mlp_min = [float(costs.mlp[space.mlp_slice(i)].min()) * min_channels for i in range(space.num_layers)]
-    if granularity == "width":
-        return sum(attn_min) + sum(mlp_min)
-    if granularity == "depth":
-        attn_blocks, mlp_blocks = _block_sums(costs.attn, space.attn_offsets), _block_sums(costs.mlp, space.mlp_offsets)
-        return float(torch.minimum(attn_blocks, mlp_blocks).min())
-    return min(min(attn_min), min(mlp_min))
+def _given(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
-def cost_mask(probs: UnitScores, costs: UnitScores, space: SearchSpace, budget: float, searched: Iterable[str],
-              min_channels: int = 1, round_to: int | None = None) -> UnitScores:
-    """Hard 0/1 masks whose kept cost is at most ``budget``.
+@dataclass(frozen=True, kw_only=True)
+class TypeBudget(Budget):
+    """The paper's budget: the fraction ``attn_sparsity`` of the KV groups and ``mlp_sparsity`` of the MLP
+    channels removed, over all layers (``global_budget``) or in every layer; ``mask_rule`` picks the per-layer
+    counts of a global final mask (:data:`~pg_pruning_plugin.core.selection.MASK_RULES`)."""
 
-    Units of the ``searched`` types are dropped in order of increasing keep-probability until the
-    kept cost fits. A unit is skipped when dropping it would leave a kept block without a KV group (or
-    with fewer than ``min_channels`` channels), or leave no decoder layer at all; dropping a block
-    frees what its kept units cost. Dropped units that still fit are then put back, most probable
-    first, so a large last block does not waste the budget. ``round_to`` rounds each kept MLP width to the nearest multiple
-    afterwards (the achieved cost can then differ from the budget by less than half a multiple per layer).
-    """
-    searched = tuple(searched)
-    num_layers = space.num_layers
-    keep = {"attn": torch.ones(space.num_attn_units), "mlp": torch.ones(space.num_mlp_units),
-            "attn_blocks": torch.ones(num_layers), "mlp_blocks": torch.ones(num_layers)}
-    layer_of = {"attn": _layer_ids(space.attn_offsets).tolist(), "mlp": _layer_ids(space.mlp_offsets).tolist()}
-    unit_cost = {"attn": costs.attn.tolist(), "mlp": costs.mlp.tolist()}
-    width_cost = {"attn": _block_sums(costs.attn, space.attn_offsets).tolist(),
-                  "mlp": _block_sums(costs.mlp, space.mlp_offsets).tolist()}  # kept width cost per layer
-    count = {"attn": [s.num_kv_groups for s in space.layers], "mlp": [s.intermediate_size for s in space.layers]}
-    floor = {"attn": 1, "mlp": min_channels}
-    block_kept = {"attn": [True] * num_layers, "mlp": [True] * num_layers}
-    layers_kept = num_layers
-    total = sum(width_cost["attn"]) + sum(width_cost["mlp"])
+    attn_sparsity: float
+    mlp_sparsity: float
+    global_budget: bool
+    mask_rule: str
 
-    candidates = []  # (probability, type, index)
-    for kind in searched:
-        candidates += [(p, kind, i) for i, p in enumerate(getattr(probs, kind).tolist())]
-    candidates.sort(key=lambda c: c[0])
-    dropped = []
-    for _, kind, i in candidates:
-        if total <= budget:
-            break
-        if kind in WIDTH_TYPES:
-            layer = layer_of[kind][i]
-            if not block_kept[kind][layer] or count[kind][layer] <= floor[kind]:
-                continue
-            keep[kind][i] = 0.0
-            count[kind][layer] -= 1
-            width_cost[kind][layer] -= unit_cost[kind][i]
-            total -= unit_cost[kind][i]
-        else:
-            width = kind.removesuffix("_blocks")
-            other = "mlp" if width == "attn" else "attn"
-            closes_layer = not block_kept[other][i]
-            if closes_layer and layers_kept == 1:
-                continue
-            keep[kind][i] = 0.0
-            block_kept[width][i] = False
-            total -= width_cost[width][i]
-            layers_kept -= closes_layer
-        dropped.append((kind, i))
-    # The last drops can overshoot (a block is large): put back the most probable dropped units that fit.
-    for kind, i in reversed(dropped):
-        if kind in WIDTH_TYPES:
-            layer = layer_of[kind][i]
-            if block_kept[kind][layer] and total + unit_cost[kind][i] <= budget:
-                keep[kind][i] = 1.0
-                count[kind][layer] += 1
-                width_cost[kind][layer] += unit_cost[kind][i]
-                total += unit_cost[kind][i]
-        else:
-            width = kind.removesuffix("_blocks")
-            if total + width_cost[width][i] <= budget:
-                keep[kind][i] = 1.0
-                block_kept[width][i] = True
-                total += width_cost[width][i]
-    if round_to:
-        for layer in range(num_layers):
-            sl = space.mlp_slice(layer)
-            kept = int(keep["mlp"][sl].sum())
-            target = min(space.layers[layer].intermediate_size, max(round_to, int(math.floor(kept / round_to + 0.5)) * round_to))
-            if block_kept["mlp"][layer] and target != kept:
-                order = torch.argsort(probs.mlp[sl], descending=True)
-                keep["mlp"][sl] = 0.0
-                keep["mlp"][sl.start + order[:target]] = 1.0
-    blocks = any(k in BLOCK_TYPES for k in searched)
-    return UnitScores(keep["attn"], keep["mlp"], keep["attn_blocks"] if blocks else None,
-                      keep["mlp_blocks"] if blocks else None)
+    @property
+    def global_pool(self) -> bool:
+        return self.global_budget
+
+    def _sparsity(self, kind: str) -> float:
+        return self.attn_sparsity if kind == "attn" else self.mlp_sparsity
+
+    def _min_channels(self, kind: str) -> int:
+        return 1 if kind == "attn" else self.round_to or 1
+
+    def _offsets(self, kind: str) -> list[int]:
+        return self.space.attn_offsets if kind == "attn" else self.space.mlp_offsets
+
+    def check(self) -> None:
+        if not self.global_pool:
+            return
+        layers = self.space.num_layers
+        for kind in WIDTH_TYPES:
+            n = self._offsets(kind)[-1]
+            kept, need = kept_count(n, 1.0 - self._sparsity(kind)), layers * self._min_channels(kind)
+            if kept < need:
+                name = "KV groups" if kind == "attn" else "MLP channels"
+                raise BudgetError(f"keeping {kept} of {n} {name} leaves fewer than {need // layers} per layer "
+                                  f"({layers} layers); lower the {kind} sparsity")
+
+    def initial_keep(self, kind: str) -> float:
+        return 1.0 - self._sparsity(kind)
+
+    def start(self, probs: UnitValues) -> UnitValues:
+        return probs  # the score mapping already gives each type its keep rate
+
+    def project(self, probs: UnitValues) -> UnitValues:
+        return UnitValues(**{
+            kind: project_pools(value, self.initial_keep(kind), None if self.global_pool else self._offsets(kind))
+            for kind, value in probs.as_dict().items()})
+
+    def hard_mask(self, probs: UnitValues) -> UnitValues:
+        return UnitValues(*(top_k_mask(getattr(probs, kind), self.initial_keep(kind), self._offsets(kind),
+                                       self.global_pool, min_keep=self._min_channels(kind),
+                                       round_to=self.round_to if kind == "mlp" else None, rule=self.mask_rule)
+                            for kind in WIDTH_TYPES))
+
+    def requested(self) -> dict:
+        return {"granularity": self.granularity, "cost": None, "attn_sparsity": self.attn_sparsity,
+                "mlp_sparsity": self.mlp_sparsity, "global_budget": self.global_budget}
+
+    def achieved(self, masks: UnitValues) -> dict | None:
+        return None
+
+    def removed_fractions(self, masks: UnitValues, layers: dict[str, list[int]]) -> dict[str, float]:
+        return {kind: self._sparsity(kind) for kind in WIDTH_TYPES}
 
 
-@dataclass
-class _Totals:
-    params: float
-    flops: float
+@dataclass(frozen=True, kw_only=True)
+class CostBudget(Budget):
+    """One budget: the fraction ``sparsity`` of the prunable ``cost`` (params, flops or custom, per unit
+    ``costs``) removed over all searched units; ``keep_params``, when the budget was given as a parameter
+    count, is that count (``sparsity`` is then derived from it)."""
+
+    cost: str
+    costs: UnitValues
+    sparsity: float
+    keep_params: int | None = None
+
+    @property
+    def total(self) -> float:
+        """The prunable cost of the unpruned model."""
+        return float(self.costs.attn.sum() + self.costs.mlp.sum())
+
+    @property
+    def kept(self) -> float:
+        """The cost a final mask may keep."""
+        return (1.0 - self.sparsity) * self.total
+
+    def check(self) -> None:
+        floor = minimum_cost(self.costs, self.space, self.granularity, self.round_to or 1)
+        if self.kept < floor:
+            rule = {"width": "one KV group and one MLP channel per layer", "depth": "one block of one decoder layer",
+                    "width+depth": "one unit of one block"}[self.granularity]
+            raise BudgetError(
+                f"sparsity={self.sparsity} keeps {self.kept:,.0f} of {self.total:,.0f} ({self.cost}), but at least "
+                f"{floor:,.0f} must stay ({rule}); reachable: sparsity in (0, {1 - floor / self.total:.4f}]"
+            )
+
+    def initial_keep(self, kind: str) -> float:
+        # under width+depth both a unit and its block start at sqrt(keep), so the expected kept cost is keep
+        keep = 1.0 - self.sparsity
+        return math.sqrt(keep) if self.granularity == "width+depth" else keep
+
+    def start(self, probs: UnitValues) -> UnitValues:
+        return self.project(probs)
+
+    def project(self, probs: UnitValues) -> UnitValues:
+        return project_to_cost(probs, self.costs, self.space, self.kept, self.searched)
+
+    def hard_mask(self, probs: UnitValues) -> UnitValues:
+        return cost_mask(probs, self.costs, self.space, self.kept, self.searched, self.round_to or 1, self.round_to)
+
+    def requested(self) -> dict:
+        return {"granularity": self.granularity, "cost": self.cost, "cost_sparsity": self.sparsity,
+                "kept_cost": self.kept, "dense_cost": self.total, "keep_params": self.keep_params}
+
+    def achieved(self, masks: UnitValues) -> dict | None:
+        kept = expected_cost(masks, self.costs, self.space)  # exact kept cost of 0/1 masks
+        return {"cost": self.cost, "dense": self.total, "requested_kept": self.kept, "kept": kept,
+                "requested_sparsity": self.sparsity, "effective_sparsity": 1 - kept / self.total}
+
+    def removed_fractions(self, masks: UnitValues, layers: dict[str, list[int]]) -> dict[str, float]:
+        fractions = {}
+        for kind, layer_slice in (("attn", self.space.attn_slice), ("mlp", self.space.mlp_slice)):
+            mask = getattr(masks, kind)
+            n = sum(layer_slice(i).stop - layer_slice(i).start for i in layers[kind])
+            kept = sum(int(mask[layer_slice(i)].sum()) for i in layers[kind])
+            fractions[kind] = (n - kept) / n if n else 0.0
+        return fractions
 
 
-def budget_accounting(space: SearchSpace, masks: UnitScores, seq_len: int = 2048,
-                      requested_params: float | None = None, requested_flops: float | None = None) -> dict:
-    """Requested vs achieved prunable parameters and FLOPs per token, per layer and by unit kind.
-
-    ``space`` is the unpruned model's; ``masks`` the final 0/1 masks. Removed cost is attributed to
-    ``blocks`` (everything a removed block had), ``kv_groups`` and ``channels`` (units removed inside
-    kept blocks).
-    """
-    params, flops = unit_costs(space, "params"), unit_costs(space, "flops", seq_len)
-    blocks_a = masks.attn_blocks if masks.has_blocks else torch.ones(space.num_layers)
-    blocks_m = masks.mlp_blocks if masks.has_blocks else torch.ones(space.num_layers)
-    layers, removed = [], {"blocks": _Totals(0, 0), "kv_groups": _Totals(0, 0), "channels": _Totals(0, 0)}
-    for i, shape in enumerate(space.layers):
-        a, m = masks.attn[space.attn_slice(i)], masks.mlp[space.mlp_slice(i)]
-        row = {"layer": i, "attn_block": bool(blocks_a[i]), "mlp_block": bool(blocks_m[i]),
-               "kv_groups": int(a.sum()) if blocks_a[i] else 0, "kv_groups_dense": shape.num_kv_groups,
-               "channels": int(m.sum()) if blocks_m[i] else 0, "channels_dense": shape.intermediate_size}
-        for unit_cost, field in ((params, "params"), (flops, "flops")):
-            ca, cm = unit_cost.attn[space.attn_slice(i)], unit_cost.mlp[space.mlp_slice(i)]
-            kept = float(blocks_a[i]) * float(ca @ a.double()) + float(blocks_m[i]) * float(cm @ m.double())
-            row[field], row[f"{field}_dense"] = kept, float(ca.sum() + cm.sum())
-            for block_kept, c, mask, kind in ((blocks_a[i], ca, a, "kv_groups"), (blocks_m[i], cm, m, "channels")):
-                gone = float(c.sum()) if not block_kept else float(c @ (1 - mask.double()))
-                key = "blocks" if not block_kept else kind
-                setattr(removed[key], field, getattr(removed[key], field) + gone)
-        layers.append(row)
-    dense = _Totals(sum(r["params_dense"] for r in layers), sum(r["flops_dense"] for r in layers))
-    kept = _Totals(sum(r["params"] for r in layers), sum(r["flops"] for r in layers))
-    return {
-        "seq_len_for_flops": seq_len,
-        "prunable_params": {"dense": dense.params, "kept": kept.params, "requested": requested_params},
-        "flops_per_token": {"dense": dense.flops, "kept": kept.flops, "requested": requested_flops},
-        "removed_by": {k: {"params": v.params, "flops": v.flops} for k, v in removed.items()},
-        "layers": layers,
-    }
-
-
-def format_accounting(acc: dict) -> str:
-    """A short text table of :func:`budget_accounting`'s output."""
-    def pct(x: float, of: float) -> str:
-        return f"{100 * x / of:.1f}%" if of else "-"
-
-    p, f = acc["prunable_params"], acc["flops_per_token"]
-    lines = [f"budget: prunable parameters {p['dense']:,.0f} -> {p['kept']:,.0f} kept ({pct(p['kept'], p['dense'])}"
-             + (f"; requested {p['requested']:,.0f}, {pct(p['requested'], p['dense'])})" if p["requested"] else ")"),
-             f"        forward FLOPs/token at {acc['seq_len_for_flops']} tokens {f['dense']:,.0f} -> {f['kept']:,.0f} "
-             f"({pct(f['kept'], f['dense'])}" + (f"; requested {pct(f['requested'], f['dense'])})" if f["requested"] else ")")]
-    removed = acc["removed_by"]
-    lines.append("removed parameters by unit kind: " + ", ".join(
-        f"{k.replace('_', ' ')} {v['params']:,.0f} ({pct(v['params'], p['dense'])})" for k, v in removed.items()))
-    lines.append("layer  attn block  KV groups  MLP block  channels   params kept")
-    for r in acc["layers"]:
-        lines.append(f"{r['layer']:>5}  {'kept' if r['attn_block'] else 'REMOVED':>10}  {r['kv_groups']:>4}/{r['kv_groups_dense']:<4} "
-                     f"{'kept' if r['mlp_block'] else 'REMOVED':>10}  {r['channels']:>5}/{r['channels_dense']:<5} "
-                     f"{pct(r['params'], r['params_dense']):>8}")
-    return "\n".join(lines)
+def hard_masks(probs: UnitValues, space: SearchSpace, config: SearchConfig) -> UnitValues:
+    """The final 0/1 masks of ``probs`` under ``config``'s budget (``Budget.of(space, config).hard_mask``)."""
+    return Budget.of(space, config).hard_mask(probs)

@@ -1,2 +1,35 @@
-from .pruner import *  # noqa: F401,F403
-from .pruner import __all__  # noqa: F401
+"""Torch-Pruning plugin: learned keep-probabilities as a ``tp.importance.Importance``, and a pruner.
+
+::
+
+    import torch_pruning as tp
+    from pg_pruning_plugin.integrations.torch_pruning import PolicyGradientImportance, build_pruner
+
+    importance = PolicyGradientImportance(search_result, model)   # or a path written by SearchResult.save
+    pruner = build_pruner(model, importance, attn_ratio=0.3, mlp_ratio=0.3)   # a tp.pruner.BasePruner
+    pruner.step()                      # whole KV groups and MLP channels removed, config updated
+
+``importance.py`` scores units and recognises Torch-Pruning's group layouts; ``ledger.py`` tracks
+which units are still present; ``pruner.py`` plans ratios and runs the steps. The Torch-Pruning
+1.6.1 workarounds they rely on are in ``pg_pruning_plugin/compat/torch_pruning.py``
+(docs/torch_pruning.md numbers them); its tracing helpers are part of this API.
+"""
+
+from ...compat.torch_pruning import dependency_graph, kv_group_heads, tracing_inputs, tracing_mode
+from .importance import GroupLayoutError, PolicyGradientImportance
+from .ledger import UnitLedger
+from .pruner import PolicyGradientPruner, StepReport, build_pruner, prune_step
+
+__all__ = [
+    "GroupLayoutError",
+    "PolicyGradientImportance",
+    "PolicyGradientPruner",
+    "StepReport",
+    "UnitLedger",
+    "build_pruner",
+    "dependency_graph",
+    "kv_group_heads",
+    "prune_step",
+    "tracing_inputs",
+    "tracing_mode",
+]

@@ -1,0 +1,23 @@
+"""`pg-prune export-gguf`: a pruned checkpoint as GGUF, refusals, and ``--verify`` with llama.cpp."""
+
+from pg_pruning_plugin import save_pruned
+from pg_pruning_plugin.cli import main
+from tests.helpers import GGUF_HEADS, gguf_fields, heterogeneous_gguf_model, needs_llama_cpp
+
+
+def test_cli_exports_a_pruned_checkpoint(tok, tmp_path, capsys):
+    save_pruned(heterogeneous_gguf_model("mistral", tok), tmp_path / "ckpt", tok)
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", str(tmp_path / "ckpt"), str(out)]) == 0
+    assert gguf_fields(out)[1]["deci.attention.head_count"] == GGUF_HEADS
+    assert main(["export-gguf", str(tmp_path / "ckpt"), str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(["export-gguf", str(tmp_path / "missing"), str(tmp_path / "x.gguf")]) == 2
+
+
+@needs_llama_cpp
+def test_cli_verify(tok, tmp_path, capsys):
+    save_pruned(heterogeneous_gguf_model("qwen2", tok), tmp_path / "ckpt", tok)
+    argv = ["export-gguf", str(tmp_path / "ckpt"), str(tmp_path / "m.gguf"), "--verify", "--verify-tokens", "8"]
+    assert main(argv) == 0
+    assert "greedy tokens equal: True" in capsys.readouterr().out
