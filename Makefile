@@ -1,6 +1,6 @@
 # Two entry points for a new user (see README):
 #   make demo   set up, then prune the embedded default model (SmolLM2-135M) and print the report
-#   make test   set up, then run the test suite (what .ci/run calls)
+#   make test   set up, then lint (ruff) and run the test suite (what .ci/run calls)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -30,11 +30,12 @@ demo: setup
 	$(BIN)/pg-prune prune --output $(DEMO_OUTPUT) --overwrite
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 test-llama-cpp: setup
 	npm install --silent --no-fund --no-audit --prefix $(LLAMA_CPP_DIR) node-llama-cpp@3.22.1
-	PG_PRUNING_NODE_LLAMA_CPP=$(LLAMA_CPP_DIR) $(BIN)/python -m pytest -q tests/test_export.py
+	PG_PRUNING_NODE_LLAMA_CPP=$(LLAMA_CPP_DIR) $(BIN)/python -m pytest -q tests/export tests/cli/test_export_gguf.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
