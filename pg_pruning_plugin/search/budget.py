@@ -140,8 +140,9 @@ class Budget(ABC):
                                 mlp_sparsity=_given(config.mlp_sparsity, config.sparsity),
                                 global_budget=config.global_budget, mask_rule=config.mask_rule)
         else:
-            sparsity = config.sparsity if config.keep_params is None else _keep_params_sparsity(space,
-                                                                                                 config.keep_params)
+            sparsity = config.sparsity
+            if config.keep_params is not None:
+                sparsity = _keep_params_sparsity(space, config.keep_params)
             costs = unit_costs(space, config.cost, config.cost_seq_len, config.custom_costs)
             budget = CostBudget(**common, cost=config.cost, costs=costs, sparsity=sparsity,
                                 keep_params=config.keep_params)
@@ -195,9 +196,10 @@ class Budget(ABC):
         """Requested vs achieved prunable parameters and FLOPs of final ``masks``
         (:func:`~pg_pruning_plugin.search.costs.budget_accounting`)."""
         requested = self.requested()
-        kept = {requested["cost"]: requested.get("kept_cost")}
-        return budget_accounting(self.space, masks, self.seq_len, requested_params=kept.get("params"),
-                                 requested_flops=kept.get("flops"))
+        cost, kept = requested["cost"], requested.get("kept_cost")
+        return budget_accounting(self.space, masks, self.seq_len,
+                                 requested_params=kept if cost == "params" else None,
+                                 requested_flops=kept if cost == "flops" else None)
 
 
 def _given(value: float | None, default: float) -> float:

@@ -189,6 +189,7 @@ class PolicyGradientSearch:
         cfg = self.config
         return sample_losses(self.model, self.space, batch, masks, cfg.samples_in_one_forward, cfg.execution).cpu()
 
+    @torch.no_grad()
     def step(self, state: SearchState) -> float | None:
         """One policy-gradient step on ``state`` (module docstring); returns the mean sample loss, or None
         for a step with fewer than two finite losses, which makes no update."""

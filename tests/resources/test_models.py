@@ -8,9 +8,9 @@ import time
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from pg_pruning_plugin.resources import assets, models
+from tests.helpers import save_tiny
 
 
 def test_cache_dir_env(tmp_path, monkeypatch):
@@ -42,12 +42,7 @@ def test_hub_id_offline_names_local_alternatives(monkeypatch):
 
 
 def test_local_hf_dir_roundtrip(tok, tmp_path):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok))
-    ref = LlamaForCausalLM(cfg).eval()
-    ref.save_pretrained(tmp_path / "m")
-    tok.save_pretrained(tmp_path / "m")
+    ref = save_tiny(tmp_path / "m", tok, num_hidden_layers=2)
     model, tok2 = models.load_model(tmp_path / "m")
     assert not model.training and model.dtype == torch.float32
     assert model.config._attn_implementation == "sdpa"
