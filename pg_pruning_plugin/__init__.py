@@ -19,6 +19,7 @@ from .core.checkpoint import load_pruned, save_pruned
 from .core.masking import masked
 from .core.removal import prune_model
 from .core.units import UnitMasks, UnitScores, UnitValues
+from .refit import RefitReport, refit
 from .resources.models import load_model
 from .resources.text import calibration_blocks
 from .scoring.metrics import METRICS, compute_metric
@@ -34,6 +35,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "PolicyGradientSearch",
+    "RefitReport",
     "ResumeError",
     "SearchConfig",
     "SearchResult",
@@ -49,6 +51,7 @@ __all__ = [
     "load_pruned",
     "masked",
     "prune_model",
+    "refit",
     "save_pruned",
 ]
 
