@@ -18,7 +18,6 @@ duration of one forward, core/subnetwork.py). The estimator is ``config.estimato
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -36,7 +35,7 @@ from ..core.masking import masked
 from ..core.modeling import IGNORE_INDEX, eval_mode, model_device, next_token_losses
 from ..core.subnetwork import subnetwork
 from ..core.units import UNIT_TYPES, UnitMasks, UnitValues
-from ..resources.files import atomic_file
+from . import state_file
 from .budget import Budget
 from .config import ResumeError, SearchConfig, SearchResult
 from .init import initial_probabilities
@@ -153,28 +152,21 @@ class PolicyGradientSearch:
         return SearchState(probs, torch.Generator().manual_seed(self.config.seed))
 
     def _signature(self) -> dict:
-        return {
-            "config": dataclasses.asdict(self.config) | {"checkpoint_every": None},
-            "layers": [dataclasses.astuple(s) for s in self.space.layers],
-            "num_batches": len(self.batches),
-        }
+        return state_file.signature(self.config, self.space, len(self.batches))
 
     def _save_state(self, state: SearchState) -> None:
-        with atomic_file(self.checkpoint_path) as tmp:
-            torch.save({"signature": self._signature(), "state": state.to_dict()}, tmp)
+        state_file.write_state(self.checkpoint_path, self._signature(), state.to_dict(),
+                               seconds=time.perf_counter() - self._clock)
 
     def _load_state(self) -> SearchState:
+        saved = state_file.read_state(self.checkpoint_path)  # ResumeError: unreadable, or another run's
+        state_file.check_signature(saved, self._signature(), self.checkpoint_path)
         try:
-            blob = torch.load(self.checkpoint_path, weights_only=False)
-            signature, state = blob["signature"], SearchState.from_dict(blob["state"])
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
-            raise ResumeError(f"cannot read search state {self.checkpoint_path}: {exc}. "
-                              f"Delete it to start over.") from exc
-        if signature != self._signature():
-            raise ResumeError(
-                f"search state {self.checkpoint_path} was written for another model, calibration set or "
-                f"configuration; delete it or pass another checkpoint path"
-            )
+            state = SearchState.from_dict(saved.state)
+        except Exception as exc:  # noqa: BLE001 - any unreadable state is reported the same way
+            raise ResumeError(f"cannot read search state {self.checkpoint_path}: {exc}; delete it to start "
+                              f"over") from exc
+        self._clock -= saved.seconds  # the result's seconds include the run before the interruption
         return state
 
     # -- loop ------------------------------------------------------------------------------
@@ -220,7 +212,7 @@ class PolicyGradientSearch:
         ``on_step(step, state)`` is called after every step (``state.step == step + 1``).
         """
         cfg = self.config
-        start = time.perf_counter()
+        self._clock = time.perf_counter()  # moved back by a resumed state's seconds
         resumed = self.checkpoint_path is not None and self.checkpoint_path.exists()
         state = self._load_state() if resumed else self._initial_state(progress)
         if resumed:
@@ -243,7 +235,7 @@ class PolicyGradientSearch:
             logger.warning("%d samples had a non-finite loss and were skipped", state.nan_samples)
         return SearchResult(
             probs=state.probs, masks=self.budget.hard_mask(state.probs), space=self.space, config=cfg,
-            history=state.history, nan_samples=state.nan_samples, seconds=time.perf_counter() - start,
+            history=state.history, nan_samples=state.nan_samples, seconds=time.perf_counter() - self._clock,
         )
 
 
