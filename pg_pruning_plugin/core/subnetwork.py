@@ -15,12 +15,17 @@ unchanged and the attention reshapes with ``-1`` heads adapt to the narrower pro
 
 The losses equal those of :func:`pg_pruning_plugin.core.masking.masked` up to float rounding
 (fewer terms in each sum), at the cost of the kept fraction of the prunable matmuls.
+
+``outputs`` replaces the kept columns of a layer's output projection by other weights (and adds an
+output bias) for the duration of the forward: the refitted weights of a candidate width
+(search/levels.py), so a candidate is scored as the model it would be after the refit.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,21 +34,40 @@ from .architectures import SearchSpace, decoder_layers
 from .slicing import UNIT_AXES, kept_indices, sliced_parameter
 from .units import UnitMasks, UnitValues
 
-__all__ = ["subnetwork"]
+__all__ = ["OutputWeights", "subnetwork"]
+
+
+class OutputWeights(NamedTuple):
+    """Replacement for one output projection (``o_proj`` of the kept KV groups, or ``down_proj`` of the kept
+    channels) inside :func:`subnetwork`: ``weight`` ``[hidden, kept columns]`` in increasing column order
+    (``None``: the sliced original) and ``bias`` ``[hidden]`` added to the projection's output (or ``None``)."""
+
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
 
 # (module, parameter name, original Parameter) of every weight currently swapped out.
 _Swapped = list[tuple[nn.Module, str, nn.Parameter]]
 
 
-def _swap(swapped: _Swapped, linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
-    """Replace ``linear``'s weight (and, for rows, its bias) by the selected rows or columns."""
+def _swap(swapped: _Swapped, linear: nn.Linear, index: torch.Tensor, dim: int,
+          replacement: OutputWeights | None = None) -> None:
+    """Replace ``linear``'s weight (and, for rows, its bias) by the selected rows or columns, or, for the
+    columns of an output projection, by ``replacement``."""
     names = ("weight", "bias") if dim == 0 else ("weight",)
     for name in names:
         original = linear._parameters.get(name)
         if original is None:
             continue
         swapped.append((linear, name, original))
-        linear._parameters[name] = sliced_parameter(original, index, dim, requires_grad=False)
+        if replacement is not None and replacement.weight is not None:
+            linear._parameters[name] = nn.Parameter(replacement.weight, requires_grad=False)
+        else:
+            linear._parameters[name] = sliced_parameter(original, index, dim, requires_grad=False)
+    if replacement is not None and replacement.bias is not None:
+        original = linear._parameters.get("bias")
+        swapped.append((linear, "bias", original))
+        added = replacement.bias if original is None else original.detach() + replacement.bias
+        linear._parameters["bias"] = nn.Parameter(added, requires_grad=False)
 
 
 def _restore(swapped: _Swapped) -> None:
@@ -70,8 +94,10 @@ def _kept(mask: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValues) -> Iterator[nn.Module]:
-    """Run ``model`` as the sub-network that ``masks`` (exactly one 0/1 sample) keeps."""
+def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValues,
+               outputs: Mapping[tuple[int, str], OutputWeights] | None = None) -> Iterator[nn.Module]:
+    """Run ``model`` as the sub-network that ``masks`` (exactly one 0/1 sample) keeps; ``outputs[(layer,
+    "attn" | "mlp")]`` replaces that layer's kept output-projection columns (module docstring)."""
     masks = UnitMasks.of(masks).folded(space)
     if masks.num_samples != 1:
         raise ValueError(f"subnetwork runs one mask sample per forward, got {masks.num_samples}")
@@ -90,11 +116,14 @@ def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValu
         overridden.append((module, module.__dict__.get("forward")))
         module.forward = _constant_forward(projection, returns_tuple)
 
-    def swap_in(blocks: dict[str, nn.Module], index: dict[str, torch.Tensor]):
+    def swap_in(blocks: dict[str, nn.Module], index: dict[str, torch.Tensor], layer: int):
         def hook(module, args):
             for role, (kind, dim) in UNIT_AXES.items():
                 if kind in index:
-                    _swap(swapped, getattr(blocks[spec.block_of(role)], getattr(spec, role)), index[kind], dim)
+                    unit = "mlp" if kind == "mlp" else "attn"
+                    replacement = outputs.get((layer, unit)) if outputs and dim == 1 else None
+                    _swap(swapped, getattr(blocks[spec.block_of(role)], getattr(spec, role)), index[kind], dim,
+                          replacement)
 
         return hook
 
@@ -121,7 +150,7 @@ def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValu
             index = kept_indices(shape, kept_groups, kept_channels)
             if index:
                 blocks = {spec.attention: attn, spec.mlp: mlp}
-                handles.append(layer.register_forward_pre_hook(swap_in(blocks, index)))
+                handles.append(layer.register_forward_pre_hook(swap_in(blocks, index, i)))
                 handles.append(layer.register_forward_hook(swap_out))
         yield model
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -17,11 +18,27 @@ from ..scoring.metrics import METRICS
 from .budget import searched_types
 from .costs import COSTS, check_custom_costs
 from .init import INIT_MAPPINGS
+from .levels import LOOP_REFITS, RANKINGS
+from .objective import LOSSES
 from .policy import ESTIMATORS
 
-__all__ = ["EXECUTIONS", "ResumeError", "SearchConfig", "SearchResult"]
+__all__ = ["EXECUTIONS", "POLICIES", "PRESETS", "ResumeError", "SearchConfig", "SearchResult"]
 
 EXECUTIONS = ("mask", "gather")  # core.masking.masked / core.subnetwork.subnetwork
+# allocation: per-layer widths, policy gradient over level transfers (search/allocation_search.py);
+# units: the paper's Bernoulli keep-probability per KV group and MLP channel (search/loop.py).
+POLICIES = ("allocation", "units")
+
+# Named bundles of defaults. A field left at ``None`` takes its preset's value; an explicit value wins.
+# "allocation": the configuration that wins the comparisons of docs/results/quality.md; "authors": the paper's
+# LLaMA-2-7B run as the authors' code computes it (method.md §9).
+PRESETS: dict[str, dict[str, object]] = {  # each preset names its policy; POLICY_PRESETS maps back
+    "allocation": {"policy": "allocation", "steps": 100, "samples_per_step": 4, "lr": 20.0, "loss": "kl",
+                "incumbent_every": 5, "execution": "gather", "max_epochs": 0},
+    "authors": {"policy": "units", "steps": 15000, "samples_per_step": 2, "lr": 2e-3, "loss": "ce",
+                "incumbent_every": 0, "execution": "mask", "max_epochs": 1},
+}
+POLICY_PRESETS = {"allocation": "allocation", "units": "authors"}  # the defaults of a policy given explicitly
 
 
 class ResumeError(ValueError):
@@ -30,9 +47,18 @@ class ResumeError(ValueError):
 
 @dataclass
 class SearchConfig:
-    """Everything that defines a search. Defaults: the authors' LLaMA-2-7B run (method.md §9).
+    """Everything that defines a search; ``preset`` fills every field left at ``None`` (:data:`PRESETS`).
 
-    Sparsities are fractions of units *removed*; ``attn_sparsity``/``mlp_sparsity`` default to
+    ``preset="allocation"`` is the allocation search: one integer per layer and unit type
+    (kept KV groups, kept MLP blocks of ``block_size`` channels) learned by policy gradient over
+    budget-neutral level transfers, units ranked inside each layer by ``ranking``, candidates scored
+    with ``loop_refit`` weights by ``loss`` on the same batch, and the best allocation on
+    ``held_in_blocks`` calibration blocks (checked every ``incumbent_every`` steps) returned. Its budget
+    is always one budget in ``cost`` (default: prunable parameters), ``sparsity`` the fraction removed.
+    ``lr`` is the step size of the transfer policy's logits there. ``preset="authors"`` is the paper's
+    per-unit Bernoulli search (``policy="units"``) as the authors' code computes it.
+
+    Under ``policy="units"``: sparsities are fractions of units *removed*; ``attn_sparsity``/``mlp_sparsity`` default to
     ``sparsity`` (the paper's separate budgets with one ratio). With a ``cost`` there is one budget
     instead: ``sparsity`` is the fraction of the prunable cost (q/k/v/o/gate/up/down parameters, or
     their forward FLOPs per token at ``cost_seq_len``) removed. ``granularity`` other than ``width``
@@ -46,12 +72,23 @@ class SearchConfig:
     attn_sparsity: float | None = None
     mlp_sparsity: float | None = None
     global_budget: bool = True  # heterogeneous widths; False = the same keep rate in every layer
-    steps: int = 15000
-    samples_per_step: int = 2  # K
-    lr: float = 2e-3
-    baseline_window: int = 5  # W; 0 disables the baseline (plain REINFORCE)
+    preset: str = "authors"  # PRESETS: fills the fields left at None
+    policy: str | None = None  # POLICIES
+    steps: int | None = None
+    samples_per_step: int | None = None  # K
+    lr: float | None = None
+    baseline_window: int = 5  # W; 0 disables the baseline (plain REINFORCE; units policy)
     batch_size: int = 8
-    max_epochs: int = 1  # passes allowed over the calibration blocks
+    max_epochs: int | None = None  # passes allowed over the calibration blocks; 0: no limit
+    loss: str | None = None  # LOSSES: next-token cross-entropy, or KL to the dense model (top kl_top_k)
+    kl_top_k: int = 64
+    incumbent_every: int | None = None  # steps between held-in checks of the deployed mask; 0: none
+    held_in_blocks: int = 32  # calibration blocks kept out of the steps for the incumbent check
+    block_size: int = 64  # allocation: MLP channels per level
+    level_band: int = 8  # allocation: MLP levels on each side of the reference with candidate weights
+    ranking: str = "obs"  # allocation: unit order inside a layer (RANKINGS)
+    loop_refit: str = "lstsq"  # allocation: weights of a candidate width (LOOP_REFITS)
+    refit_damping: float = 0.01  # λ of the least-squares fits, a fraction of the mean diagonal of H
     init: str = "wanda-sp"
     init_mapping: str = "sigmap"  # search.init.INIT_MAPPINGS
     init_confidence: float = 0.9  # keep-probability of init-mask units under init_mapping="mask"
@@ -62,7 +99,7 @@ class SearchConfig:
     samples_in_one_forward: bool = True  # evaluate the K samples as one [K·B, T] batch
     mask_rule: str = "topk"  # final mask: global top-k (paper) or per-layer expected width, core.selection.MASK_RULES
     estimator: str = "authors"  # a key of search.policy.ESTIMATORS: authors | loo | antithetic
-    execution: str = "mask"  # mask: zero dropped units; gather: skip them, one forward per sample
+    execution: str | None = None  # mask: zero dropped units; gather: skip them, one forward per sample
     granularity: str = "width"  # search.budget.GRANULARITIES: width | depth | width+depth
     cost: str | None = None  # None: separate budgets per unit type (paper); params | flops | custom: one budget
     cost_seq_len: int = 2048  # context length of the FLOPs cost
@@ -70,6 +107,27 @@ class SearchConfig:
     keep_params: int | None = None  # one parameter budget as the parameters left in the whole model
 
     def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if self.policy is not None and self.policy not in POLICIES:
+            raise ValueError(f"policy={self.policy!r}; choose one of {', '.join(POLICIES)}")
+        defaults = PRESETS[self.preset]
+        if self.policy is not None and self.policy != defaults["policy"]:  # e.g. policy="units" alone
+            defaults = PRESETS[POLICY_PRESETS[self.policy]]
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.kl_top_k < 1:
+            raise ValueError("kl_top_k must be a positive number of tokens")
+        if self.incumbent_every < 0 or self.held_in_blocks < 0:
+            raise ValueError("incumbent_every and held_in_blocks must be >= 0 (0 disables the incumbent)")
+        if self.incumbent_every and self.held_in_blocks < self.batch_size:
+            raise ValueError(f"the incumbent check needs held_in_blocks >= batch_size ({self.batch_size}); got "
+                             f"{self.held_in_blocks}")
+        if self.policy == "allocation":
+            self._check_allocation()
         searched_types(self.granularity)  # validates the name
         if self.keep_params is not None:
             if isinstance(self.keep_params, bool) or not isinstance(self.keep_params, int) or self.keep_params < 1:
@@ -99,8 +157,8 @@ class SearchConfig:
                 raise ValueError(f"{name}={value} must be in (0, 1): the fraction of units removed")
         if self.samples_per_step < 2:
             raise ValueError("samples_per_step must be >= 2 (the estimator divides by K-1)")
-        if self.steps < 1 or self.batch_size < 1 or self.max_epochs < 1:
-            raise ValueError("steps, batch_size and max_epochs must be positive")
+        if self.steps < 1 or self.batch_size < 1 or self.max_epochs < 0:
+            raise ValueError("steps and batch_size must be positive, max_epochs >= 0 (0: no limit)")
         if self.init not in METRICS:
             raise ValueError(f"init={self.init!r}; choose one of {', '.join(METRICS)}")
         if self.round_to is not None and self.round_to < 1:
@@ -118,6 +176,31 @@ class SearchConfig:
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution={self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
 
+    def _check_allocation(self) -> None:
+        """The allocation policy's settings; its budget is one cost budget (parameters unless ``cost`` says)."""
+        if self.granularity != "width":
+            raise ValueError("the allocation policy searches widths; whole blocks need policy='units' "
+                             "(preset='authors' or policy='units' with granularity depth / width+depth)")
+        if self.attn_sparsity is not None or self.mlp_sparsity is not None or not self.global_budget:
+            raise ValueError("the allocation policy has one budget over all layers and unit types: give sparsity "
+                             "(or keep_params), not attn_sparsity/mlp_sparsity or global_budget=False")
+        if self.cost is None:
+            self.cost = "params"
+        if self.execution != "gather":
+            raise ValueError("the allocation policy scores candidates as sub-networks: execution must be 'gather'")
+        if self.samples_per_step < 2:
+            raise ValueError("samples_per_step must be >= 2 (the policy update centres the K advantages)")
+        if self.ranking not in RANKINGS:
+            raise ValueError(f"ranking={self.ranking!r}; choose one of {', '.join(RANKINGS)}")
+        if self.loop_refit not in LOOP_REFITS:
+            raise ValueError(f"loop_refit={self.loop_refit!r}; choose one of {', '.join(LOOP_REFITS)}")
+        if self.block_size < 1 or self.level_band < 1:
+            raise ValueError("block_size and level_band must be positive")
+        if not (math.isfinite(self.refit_damping) and self.refit_damping > 0):
+            raise ValueError("refit_damping must be a positive fraction of the mean diagonal of H (e.g. 0.01)")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError("lr must be positive")
+
 
 @dataclass
 class SearchResult:
@@ -130,6 +213,7 @@ class SearchResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     nan_samples: int = 0
     seconds: float = 0.0
+    levels: torch.Tensor | None = None  # allocation policy: [L, 2] kept KV groups and MLP blocks per layer
 
     def save(self, path: str | os.PathLike) -> None:
         """Write probabilities, masks, config and layer shapes (tensors and plain data only), atomically."""
@@ -142,6 +226,7 @@ class SearchResult:
             "hidden_size": self.space.hidden_size,
             "fixed_parameters": self.space.fixed_parameters,
             "history": self.history, "nan_samples": self.nan_samples, "seconds": self.seconds,
+            "levels": self.levels,
         }
         with atomic_file(path) as tmp:
             torch.save(blob, tmp)
@@ -155,7 +240,7 @@ class SearchResult:
         return cls(
             probs=UnitValues(**blob["probs"]), masks=UnitValues(**blob["masks"]), space=space,
             config=SearchConfig(**blob["config"]), history=blob["history"], nan_samples=blob["nan_samples"],
-            seconds=blob["seconds"],
+            seconds=blob["seconds"], levels=blob.get("levels"),
         )
 
     def kept_per_layer(self) -> list[tuple[int, int]]:

@@ -99,17 +99,31 @@ class SearchState:
 
 
 class PolicyGradientSearch:
-    """Learn keep-probabilities for every KV group and MLP channel (and block) of ``model``.
+    """Learn which KV groups and MLP channels (and blocks) of ``model`` to keep.
 
     ``calibration`` holds token blocks ``[N, T]`` (or a list of batch dicts with ``input_ids`` and
     an optional ``attention_mask``). ``checkpoint_path`` enables atomic search-state snapshots
     every ``config.checkpoint_every`` steps; an existing file there is resumed from.
-    ``init_scores`` replaces the initial probabilities (search/init.py).
+    ``init_scores`` replaces the initial probabilities (search/init.py; units policy).
+
+    ``config.policy`` picks the policy: ``"allocation"`` builds an
+    :class:`~pg_pruning_plugin.search.allocation_search.AllocationSearch` (a subclass), ``"units"`` this
+    class, the paper's per-unit Bernoulli search. With ``config.incumbent_every`` the last
+    ``config.held_in_blocks`` calibration blocks are kept out of the steps for the incumbent check.
 
     >>> search = PolicyGradientSearch(model, blocks, SearchConfig(sparsity=0.3, steps=200))
     >>> result = search.run()          # result.probs, result.masks
     >>> small = prune_model(model, result.masks)   # pg_pruning_plugin.core.removal
     """
+
+    state_class: type = SearchState  # what run() carries between steps and writes to the state file
+
+    def __new__(cls, model: nn.Module, calibration, config: SearchConfig | None = None, *args, **kwargs):
+        if cls is PolicyGradientSearch and (config or SearchConfig()).policy == "allocation":
+            from .allocation_search import AllocationSearch
+
+            cls = AllocationSearch
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -126,11 +140,18 @@ class PolicyGradientSearch:
             raise ValueError("the model already has removed blocks; run the search on the unpruned model")
         self.budget = Budget.of(self.space, self.config)  # refuses an unreachable budget before any work
         self.batches = _as_batches(calibration, self.config.batch_size)
+        held = self.config.held_in_blocks // self.config.batch_size if self.config.incumbent_every else 0
+        if held and len(self.batches) <= held:
+            raise ValueError(f"{len(self.batches)} calibration batches leave none for the steps after the "
+                             f"{held} held-in batches ({self.config.held_in_blocks} blocks): give more calibration "
+                             f"text or a smaller held_in_blocks")
+        self.held_in = list(range(len(self.batches) - held, len(self.batches)))  # batch indices, never stepped on
+        self.train = list(range(len(self.batches) - held))
         needed = self.config.steps
-        available = len(self.batches) * self.config.max_epochs
-        if available < needed:
+        available = len(self.train) * self.config.max_epochs
+        if self.config.max_epochs and available < needed:
             raise ValueError(
-                f"{len(self.batches)} calibration batches of {self.config.batch_size} x "
+                f"{len(self.train)} calibration batches of {self.config.batch_size} x "
                 f"{self.batches[0]['input_ids'].shape[1]} tokens allow {available} steps with "
                 f"max_epochs={self.config.max_epochs}, but steps={needed}: give more calibration text, fewer "
                 f"steps, a smaller batch or a larger max_epochs"
@@ -162,7 +183,7 @@ class PolicyGradientSearch:
         saved = state_file.read_state(self.checkpoint_path)  # ResumeError: unreadable, or another run's
         state_file.check_signature(saved, self._signature(), self.checkpoint_path)
         try:
-            state = SearchState.from_dict(saved.state)
+            state = self.state_class.from_dict(saved.state)
         except Exception as exc:  # noqa: BLE001 - any unreadable state is reported the same way
             raise ResumeError(f"cannot read search state {self.checkpoint_path}: {exc}; delete it to start "
                               f"over") from exc
@@ -170,11 +191,18 @@ class PolicyGradientSearch:
         return state
 
     # -- loop ------------------------------------------------------------------------------
-    def _batch(self, step: int) -> dict[str, torch.Tensor]:
-        n = len(self.batches)
+    def _train_batch(self, step: int) -> int:
+        """Index of the batch of ``step``: the training batches in a fresh seeded order every epoch."""
+        n = len(self.train)
         epoch, i = divmod(step, n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.config.seed + 1000 * epoch))
-        return {k: v.to(model_device(self.model)) for k, v in self.batches[int(order[i])].items()}
+        return self.train[int(order[i])]
+
+    def _on_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(model_device(self.model)) for k, v in batch.items()}
+
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        return self._on_device(self.batches[self._train_batch(step)])
 
     def sample_losses(self, batch: dict[str, torch.Tensor], masks: UnitMasks) -> torch.Tensor:
         """``[K]`` losses of ``batch`` under the ``K`` mask samples (on the CPU)."""
@@ -224,7 +252,7 @@ class PolicyGradientSearch:
                 for step in bar:
                     mean_loss = self.step(state)
                     if mean_loss is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.3f}", baseline=f"{state.baseline:.3f}")
+                        bar.set_postfix(self._postfix(state, mean_loss))
                     if self.checkpoint_path and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
                         self._save_state(state)
                     if on_step is not None:
@@ -233,9 +261,17 @@ class PolicyGradientSearch:
                 bar.close()
         if state.nan_samples:
             logger.warning("%d samples had a non-finite loss and were skipped", state.nan_samples)
+        return self._result(state, time.perf_counter() - self._clock)
+
+    def _postfix(self, state: SearchState, loss: float) -> dict[str, str]:
+        """What the progress bar shows after a step."""
+        return {"loss": f"{loss:.3f}", "baseline": f"{state.baseline:.3f}"}
+
+    def _result(self, state: SearchState, seconds: float) -> SearchResult:
+        """The search's answer from its final state."""
         return SearchResult(
-            probs=state.probs, masks=self.budget.hard_mask(state.probs), space=self.space, config=cfg,
-            history=state.history, nan_samples=state.nan_samples, seconds=time.perf_counter() - self._clock,
+            probs=state.probs, masks=self.budget.hard_mask(state.probs), space=self.space, config=self.config,
+            history=state.history, nan_samples=state.nan_samples, seconds=seconds,
         )
 
 
