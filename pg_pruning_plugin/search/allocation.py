@@ -6,21 +6,22 @@ ranked once (search/levels.py), so a level names a sub-network. A state is *feas
 level lies in its band ``[low[l, t], high[l, t]]`` (the levels with weights in the level table, all
 ``≥ 1``) and the prunable parameters it keeps fit the budget.
 
-The policy proposes *transfers*: a donor ``(l, t)`` gives one level, a receiver ``(l', t')`` takes
-as many levels as the freed parameters pay for (one, for the same unit type). Donor and receiver
-are drawn from two categorical distributions, ``softmax(θ_give)`` and ``softmax(θ_take)`` over the
-60 (layer, type) cells of SmolLM2, restricted to the cells where the transfer is feasible, so every
-sampled candidate is a model the user could ship. One step (``K`` candidates on one batch ``x``)::
+The policy proposes *transfers*: a donor ``(l, t)`` gives one level and receivers take one level each,
+drawn one after another, as long as the free budget (the freed level and any slack) pays for one
+more. Donor and receivers come from two categorical distributions, ``softmax(θ_give)`` and
+``softmax(θ_take)`` over the ``2L`` (layer, type) cells, each draw restricted to the cells where it
+is feasible, so every sampled candidate is a model the user could ship. One step (``K`` candidates
+on one batch ``x``)::
 
-    c_j    = transfer(a, donor_j, receiver_j)        j = 1..K,   donor_j ~ π_give, receiver_j ~ π_take
-    A_j    = L(c_j; x) − L(a; x)                     same-batch baseline: the current state's own loss
-    θ     <- θ − lr · 1/K Σ_j (A_j − Ā) ∇ log π(donor_j, receiver_j)
-    a     <- c_j*  if  A_j* < 0  (j* = argmin A)     greedy acceptance, validated by the incumbent
+    c_j    = transfer_j(a),  transfer_j ~ π_θ      j = 1..K
+    A_j    = L(c_j; x) − L(a; x)                   same-batch baseline: the current state's own loss
+    θ     <- θ − lr · 1/K Σ_j (A_j − Ā) ∇ log π_θ(transfer_j)
+    a     <- c_j*  if  A_j* < 0  (j* = argmin A)   greedy acceptance, validated by the incumbent
 
-REINFORCE with the leave-the-mean-out baseline ``Ā`` makes ``θ`` learn *where* levels are cheap to
-take from and valuable to give to; the same-batch loss of the current state removes the batch
-difficulty from every advantage. Everything here is tensor math on ``[L, 2]`` integers; the model
-never appears.
+REINFORCE with mean-centred advantages (``Ā``: their mean over the ``K`` candidates) makes ``θ_give``
+learn where a level is cheap to give up and ``θ_take`` where one is worth taking; the same-batch
+loss of the current state removes the batch difficulty from every advantage. Everything here is
+tensor math on ``[L, 2]`` integers; the model never appears.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AllocationSpace", "Transfer", "TransferPolicy", "transfer"]
+__all__ = ["AllocationSpace", "Transfer", "TransferPolicy", "can_give", "can_take"]
 
 
 @dataclass(frozen=True)
@@ -52,32 +53,54 @@ class AllocationSpace:
 
 @dataclass(frozen=True)
 class Transfer:
-    donor: tuple[int, int]  # (layer, type) giving one level
-    receiver: tuple[int, int]  # (layer, type) taking levels
+    """One sampled move: ``donor`` gave one level, ``receivers`` took one level each, in order; the feasible
+    cells each draw was restricted to (``[2L]`` bool, flat ``2·layer + type``) are kept for the gradient."""
+
+    donor: tuple[int, int]
+    receivers: tuple[tuple[int, int], ...]
     levels: torch.Tensor  # [L, 2] the resulting state
+    donor_options: torch.Tensor  # [2L] bool
+    receiver_options: tuple[torch.Tensor, ...]  # one [2L] bool per receiver
 
 
-def transfer(space: AllocationSpace, levels: torch.Tensor, donor: tuple[int, int],
-             receiver: tuple[int, int]) -> torch.Tensor | None:
-    """``levels`` after ``donor`` gives one level and ``receiver`` takes as many as the freed budget pays for
-    (at least one; exactly one of the same type); ``None`` when no such state is feasible."""
-    if donor == receiver or levels[donor] <= space.low[donor] or levels[receiver] >= space.high[receiver]:
-        return None
-    new = levels.clone()
-    new[donor] -= 1
-    free = space.budget - space.cost(new)
-    gained = 0
-    while new[receiver] < space.high[receiver] and free >= space.price[receiver]:
-        new[receiver] += 1
-        free -= int(space.price[receiver])
-        gained += 1
-        if donor[1] == receiver[1]:
-            break
-    return new if gained else None
+def _flat(cell: tuple[int, int]) -> int:
+    return 2 * cell[0] + cell[1]
+
+
+def _cell(index: int) -> tuple[int, int]:
+    return divmod(index, 2)
+
+
+def can_give(space: AllocationSpace, levels: torch.Tensor) -> torch.Tensor:
+    """``[2L]`` cells that may give a level."""
+    return (levels > space.low).flatten()
+
+
+def can_take(space: AllocationSpace, levels: torch.Tensor, free: int, exclude: int | None = None) -> torch.Tensor:
+    """``[2L]`` cells that may take one more level with ``free`` budget left (``exclude``: the donor)."""
+    options = ((levels < space.high) & (space.price <= free)).flatten()
+    if exclude is not None:
+        options[exclude] = False
+    return options
+
+
+def _draw(logits: torch.Tensor, options: torch.Tensor, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits.flatten().masked_fill(~options, float("-inf")), 0)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _restricted_probs(logits: torch.Tensor, options: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits.flatten().masked_fill(~options, float("-inf")), 0)
 
 
 class TransferPolicy:
-    """``θ_give``, ``θ_take`` (``[L, 2]`` logits, float64) and their REINFORCE update (module docstring)."""
+    """``θ_give``, ``θ_take`` (``[L, 2]`` logits, float64) and their REINFORCE update (module docstring).
+
+    A transfer is drawn as a sequence: the donor from ``softmax(θ_give)`` over the cells that can give,
+    then receivers one level at a time from ``softmax(θ_take)`` over the cells the remaining free budget
+    can pay (never the donor), until none can. Its log-probability is the sum of these restricted
+    categorical log-probabilities, so ``∇ log π`` is exact: ``e_choice − p_restricted`` per draw.
+    """
 
     def __init__(self, num_layers: int):
         self.give = torch.zeros(num_layers, 2, dtype=torch.float64)
@@ -89,20 +112,38 @@ class TransferPolicy:
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.give, self.take = state["give"].clone(), state["take"].clone()
 
+    def sample_one(self, space: AllocationSpace, levels: torch.Tensor, generator: torch.Generator) -> Transfer | None:
+        """One transfer from ``levels``, or ``None`` when the drawn donor frees nothing any cell can use."""
+        donor_options = can_give(space, levels)
+        if not bool(donor_options.any()):
+            return None
+        donor = _draw(self.give, donor_options, generator)
+        new = levels.clone()
+        new[_cell(donor)] -= 1
+        receivers, receiver_options = [], []
+        while True:
+            options = can_take(space, new, space.budget - space.cost(new), exclude=donor)
+            if not bool(options.any()):
+                break
+            receiver = _draw(self.take, options, generator)
+            new[_cell(receiver)] += 1
+            receivers.append(_cell(receiver))
+            receiver_options.append(options)
+        if not receivers:
+            return None
+        return Transfer(_cell(donor), tuple(receivers), new, donor_options, tuple(receiver_options))
+
     def sample(self, space: AllocationSpace, levels: torch.Tensor, k: int, generator: torch.Generator,
                max_tries: int = 50) -> list[Transfer]:
-        """Up to ``k`` feasible transfers from ``levels`` (donor and receiver drawn independently; draws
-        that give an infeasible state are redrawn, at most ``max_tries`` times per sample)."""
-        give, take = torch.softmax(self.give.flatten(), 0), torch.softmax(self.take.flatten(), 0)
+        """Up to ``k`` transfers from ``levels`` (a draw that frees nothing usable is drawn again, at most
+        ``max_tries`` times per transfer)."""
         out: list[Transfer] = []
         for _ in range(k * max_tries):
             if len(out) == k:
                 break
-            d = divmod(int(torch.multinomial(give, 1, generator=generator)), 2)
-            r = divmod(int(torch.multinomial(take, 1, generator=generator)), 2)
-            new = transfer(space, levels, d, r)
-            if new is not None:
-                out.append(Transfer(d, r, new))
+            move = self.sample_one(space, levels, generator)
+            if move is not None:
+                out.append(move)
         return out
 
     def update(self, transfers: list[Transfer], advantages: torch.Tensor, lr: float) -> None:
@@ -110,9 +151,13 @@ class TransferPolicy:
         if len(transfers) < 2:
             return
         centred = (advantages - advantages.mean()).to(torch.float64)  # [K]
-        for logits, cells in ((self.give, [t.donor for t in transfers]), (self.take, [t.receiver for t in transfers])):
-            probs = torch.softmax(logits.flatten(), 0)  # [2L]
-            chosen = torch.zeros(len(cells), probs.numel(), dtype=torch.float64)
-            chosen[torch.arange(len(cells)), torch.tensor([2 * c[0] + c[1] for c in cells])] = 1.0
-            grad = centred @ (chosen - probs)  # Σ_j A_j ∇ log π_j, [2L]
-            logits -= lr * grad.view_as(logits) / len(cells)
+        give = torch.zeros_like(self.give).flatten()
+        take = torch.zeros_like(self.take).flatten()
+        for move, a in zip(transfers, centred.tolist()):
+            give -= a * _restricted_probs(self.give, move.donor_options)
+            give[_flat(move.donor)] += a
+            for receiver, options in zip(move.receivers, move.receiver_options):
+                take -= a * _restricted_probs(self.take, options)
+                take[_flat(receiver)] += a
+        self.give -= lr * give.view_as(self.give) / len(transfers)
+        self.take -= lr * take.view_as(self.take) / len(transfers)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,7 +33,8 @@ from ..core.modeling import eval_mode
 from ..core.subnetwork import OutputWeights, subnetwork
 from ..core.units import UnitValues
 from .allocation import AllocationSpace, TransferPolicy
-from .config import SearchResult
+from .budget import BudgetError
+from .config import SearchConfig, SearchResult
 from .levels import LevelTable, level_prices, reference_levels
 from .loop import PolicyGradientSearch
 from .objective import DenseTargets, dense_targets, sequence_losses
@@ -80,13 +79,25 @@ class AllocationSearch(PolicyGradientSearch):
 
     state_class = AllocationState
 
+    def __init__(self, model, calibration, config: SearchConfig | None = None, checkpoint_path=None,
+                 init_scores=None):
+        super().__init__(model, calibration, config, checkpoint_path, init_scores)
+        self.block = _block_size(self.space, self.config.block_size)
+        floor = float(level_prices(self.space, self.block).sum())
+        if self.budget.kept < floor:
+            raise BudgetError(
+                f"sparsity={self.budget.sparsity:.4f} keeps {self.budget.kept:,.0f} of {self.budget.total:,.0f} "
+                f"prunable {self.budget.cost}, but the allocation policy keeps at least one KV group and one MLP "
+                f"block of {self.block} channels per layer ({floor:,.0f}); reachable: sparsity in "
+                f"(0, {1 - floor / self.budget.total:.4f}]")
+        self.table: LevelTable | None = None
+
     def _setup(self, progress: bool) -> None:
         """Level table, transfer space and dense targets (rebuilt identically on resume)."""
-        if getattr(self, "table", None) is not None:
+        if self.table is not None:
             return
         cfg = self.config
         kept = self.budget.kept
-        self.block = _block_size(self.space, cfg.block_size)
         reference = reference_levels(self.space, self.block, kept)
         self.table = LevelTable.build(self.model, self.batches, reference, self.block, cfg.level_band, cfg.ranking,
                                       cfg.loop_refit, cfg.refit_damping, progress)
@@ -100,6 +111,7 @@ class AllocationSearch(PolicyGradientSearch):
                 self.targets = dense_targets(self.model, self.batches, cfg.kl_top_k)
 
     # -- scoring -------------------------------------------------------------------------------
+    @torch.no_grad()
     def _loss(self, levels: torch.Tensor, batch_ids: list[int]) -> float:
         """Mean loss of the allocation ``levels`` (as a sub-network with its table weights) over batches."""
         masks = self.table.masks(levels)
@@ -166,14 +178,6 @@ class AllocationSearch(PolicyGradientSearch):
         return SearchResult(probs=_ranked_scores(self.table, masks), masks=masks, space=self.space,
                             config=self.config, history=state.history, nan_samples=state.nan_samples,
                             seconds=seconds, levels=levels.clone())
-
-    def run(self, progress: bool = True,
-            on_step: Callable[[int, AllocationState], None] | None = None) -> SearchResult:  # noqa: D102
-        start = time.perf_counter()
-        self._setup(progress)
-        result = super().run(progress, on_step)
-        result.seconds = time.perf_counter() - start
-        return result
 
 
 def _block_size(space, block: int) -> int:
