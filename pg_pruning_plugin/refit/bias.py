@@ -1,4 +1,5 @@
-"""Output biases for the ``bias`` refit (FLAP's compensation): where they live and how they are saved.
+"""Output biases for the ``bias`` refit (FLAP's compensation): where they live and how they are saved,
+and the same compensation for a sampled mask inside a search (:func:`bias_outputs`).
 
 Llama's modeling code gives every projection a bias when the config sets ``attention_bias`` and
 ``mlp_bias``; the compensated model then saves and loads with ``save_pruned``/``load_pruned`` (and
@@ -16,8 +17,12 @@ import torch
 import torch.nn as nn
 
 from ..core.architectures import SearchSpace, decoder_layers
+from ..core.modeling import eval_mode, model_device
+from ..core.subnetwork import OutputWeights
+from ..core.units import UnitValues
+from .statistics import InputStatistics
 
-__all__ = ["BIAS_SWITCHES", "add_output_bias", "enable_output_biases"]
+__all__ = ["BIAS_SWITCHES", "add_output_bias", "bias_outputs", "enable_output_biases", "output_input_means"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +65,44 @@ def add_output_bias(linear: nn.Linear, value: torch.Tensor) -> None:
     """``linear.bias += value`` (``[out]``), creating the bias if needed."""
     _ensure_bias(linear)
     linear.bias += value.to(linear.bias.device, linear.bias.dtype)
+
+
+@torch.no_grad()
+def output_input_means(model: nn.Module, space: SearchSpace,
+                       batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``E[x]`` of every layer's ``o_proj`` and ``down_proj`` input on the dense model, ``[(o, down)]`` per layer."""
+    spec = space.spec
+    stats = [(InputStatistics(getattr(getattr(layer, spec.attention), spec.o)),
+              InputStatistics(getattr(getattr(layer, spec.mlp), spec.down))) for layer in decoder_layers(model)]
+    device = model_device(model)
+    for pair in stats:
+        for s in pair:
+            s.__enter__()
+    try:
+        with eval_mode(model):
+            for batch in batches:
+                model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+    finally:
+        for pair in stats:
+            for s in pair:
+                s.__exit__(None, None, None)
+    return [(o.mean, down.mean) for o, down in stats]
+
+
+def bias_outputs(model: nn.Module, space: SearchSpace, masks: UnitValues,
+                 means: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[tuple[int, str], OutputWeights]:
+    """FLAP's compensation of one 0/1 mask sample for :func:`~pg_pruning_plugin.core.subnetwork.subnetwork`:
+    per layer the removed inputs' mean contribution ``W[:, removed] E[x_removed]`` as an output bias."""
+    spec = space.spec
+    out = {}
+    for i, layer in enumerate(decoder_layers(model)):
+        shape = space.layers[i]
+        for kind, linear, mask, width, mean in (
+                ("attn", getattr(getattr(layer, spec.attention), spec.o), masks.attn[space.attn_slice(i)],
+                 shape.queries_per_group * shape.head_dim, means[i][0]),
+                ("mlp", getattr(getattr(layer, spec.mlp), spec.down), masks.mlp[space.mlp_slice(i)], 1, means[i][1])):
+            removed = (mask < 0.5).repeat_interleave(width).to(mean.device)
+            if bool(removed.any()):
+                w = linear.weight.detach().to(mean.device, torch.float64)
+                out[(i, kind)] = OutputWeights(None, (w @ torch.where(removed, mean, 0.0)).to(linear.weight.dtype))
+    return out

@@ -132,11 +132,6 @@ class AllocationSearch(PolicyGradientSearch):
         loss = self._loss(levels, self.held_in) if self.held_in else float("nan")
         return AllocationState(levels, TransferPolicy(self.space.num_layers), generator, levels.clone(), loss)
 
-    def _load_state(self) -> AllocationState:
-        state = super()._load_state()
-        self._setup(progress=True)
-        return state
-
     # -- loop ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, state: AllocationState) -> float | None:

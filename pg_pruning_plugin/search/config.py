@@ -34,9 +34,9 @@ POLICIES = ("allocation", "units")
 # LLaMA-2-7B run as the authors' code computes it (method.md §9).
 PRESETS: dict[str, dict[str, object]] = {  # each preset names its policy; POLICY_PRESETS maps back
     "allocation": {"policy": "allocation", "steps": 100, "samples_per_step": 4, "lr": 20.0, "loss": "kl",
-                "incumbent_every": 5, "execution": "gather", "max_epochs": 0},
+                   "incumbent_every": 5, "execution": "gather", "max_epochs": 0, "loop_refit": "lstsq"},
     "authors": {"policy": "units", "steps": 15000, "samples_per_step": 2, "lr": 2e-3, "loss": "ce",
-                "incumbent_every": 0, "execution": "mask", "max_epochs": 1},
+                "incumbent_every": 0, "execution": "mask", "max_epochs": 1, "loop_refit": "none"},
 }
 POLICY_PRESETS = {"allocation": "allocation", "units": "authors"}  # the defaults of a policy given explicitly
 
@@ -87,7 +87,8 @@ class SearchConfig:
     block_size: int = 64  # allocation: MLP channels per level
     level_band: int = 8  # allocation: MLP levels on each side of the reference with candidate weights
     ranking: str = "obs"  # allocation: unit order inside a layer (RANKINGS)
-    loop_refit: str = "lstsq"  # allocation: weights of a candidate width (LOOP_REFITS)
+    loop_refit: str | None = None  # weights a candidate is scored with (LOOP_REFITS; units: none | bias)
+    band: float | None = None  # units: sample only this fraction of a layer's units on each side of its threshold
     refit_damping: float = 0.01  # λ of the least-squares fits, a fraction of the mean diagonal of H
     init: str = "wanda-sp"
     init_mapping: str = "sigmap"  # search.init.INIT_MAPPINGS
@@ -128,6 +129,8 @@ class SearchConfig:
                              f"{self.held_in_blocks}")
         if self.policy == "allocation":
             self._check_allocation()
+        else:
+            self._check_units()
         searched_types(self.granularity)  # validates the name
         if self.keep_params is not None:
             if isinstance(self.keep_params, bool) or not isinstance(self.keep_params, int) or self.keep_params < 1:
@@ -176,6 +179,18 @@ class SearchConfig:
         if self.execution not in EXECUTIONS:
             raise ValueError(f"execution={self.execution!r}; choose one of {', '.join(EXECUTIONS)}")
 
+    def _check_units(self) -> None:
+        """The per-unit levers: a band around each layer's threshold, candidates scored with FLAP's bias."""
+        if self.band is not None and not 0.0 < self.band < 0.5:
+            raise ValueError(f"band={self.band} must be in (0, 0.5): the fraction of a layer's units sampled on "
+                             f"each side of its threshold")
+        if self.loop_refit not in ("none", "bias"):
+            raise ValueError(f"loop_refit={self.loop_refit!r}: the units policy scores samples with 'none' or 'bias' "
+                             f"(a least-squares fit per sample would cost a calibration pass each)")
+        if self.loop_refit == "bias" and self.execution != "gather":
+            raise ValueError("loop_refit='bias' adds output biases inside sub-network execution: "
+                             "use execution='gather'")
+
     def _check_allocation(self) -> None:
         """The allocation policy's settings; its budget is one cost budget (parameters unless ``cost`` says)."""
         if self.granularity != "width":
@@ -190,6 +205,9 @@ class SearchConfig:
             raise ValueError("the allocation policy scores candidates as sub-networks: execution must be 'gather'")
         if self.samples_per_step < 2:
             raise ValueError("samples_per_step must be >= 2 (the policy update centres the K advantages)")
+        if self.band is not None:
+            raise ValueError("band applies to the units policy; the allocation policy always samples next to its "
+                             "current widths")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking={self.ranking!r}; choose one of {', '.join(RANKINGS)}")
         if self.loop_refit not in LOOP_REFITS:

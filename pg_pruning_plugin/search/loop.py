@@ -35,11 +35,13 @@ from ..core.masking import masked
 from ..core.modeling import IGNORE_INDEX, eval_mode, model_device, next_token_losses
 from ..core.subnetwork import subnetwork
 from ..core.units import UNIT_TYPES, UnitMasks, UnitValues
+from ..refit.bias import bias_outputs, output_input_means
 from . import state_file
 from .budget import Budget
 from .config import ResumeError, SearchConfig, SearchResult
 from .init import initial_probabilities
-from .policy import ema_baseline, policy_gradient, sample_unit_masks, usable_samples
+from .objective import DenseTargets, dense_targets, sequence_losses
+from .policy import ema_baseline, policy_gradient, sample_unit_masks, threshold_band, usable_samples
 
 __all__ = ["PolicyGradientSearch", "SearchState", "sample_losses"]
 
@@ -84,18 +86,24 @@ class SearchState:
     baseline: float | None = None
     nan_samples: int = 0
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "baseline": [], "lr": []})
+    incumbent: UnitValues | None = None  # probabilities whose hard mask scored best on the held-in blocks
+    incumbent_loss: float = math.inf
 
     def to_dict(self) -> dict:
         """Plain tensors and numbers (``torch.save``-able)."""
         return {**self.probs.as_dict(), "step": self.step, "baseline": self.baseline,
-                "nan_samples": self.nan_samples, "generator": self.generator.get_state(), "history": self.history}
+                "nan_samples": self.nan_samples, "generator": self.generator.get_state(), "history": self.history,
+                "incumbent": None if self.incumbent is None else self.incumbent.as_dict(),
+                "incumbent_loss": self.incumbent_loss}
 
     @classmethod
     def from_dict(cls, state: dict) -> SearchState:
         generator = torch.Generator()
         generator.set_state(state["generator"])
+        incumbent = state.get("incumbent")
         return cls(UnitValues(**{k: state[k] for k in UNIT_TYPES if k in state}), generator, state["step"],
-                   state["baseline"], state["nan_samples"], state["history"])
+                   state["baseline"], state["nan_samples"], state["history"],
+                   None if incumbent is None else UnitValues(**incumbent), state.get("incumbent_loss", math.inf))
 
 
 class PolicyGradientSearch:
@@ -169,8 +177,12 @@ class PolicyGradientSearch:
         return self._init_scores
 
     def _initial_state(self, progress: bool) -> SearchState:
+        self._setup(progress)
         probs = self.initial_probabilities(progress).map(lambda v: v.clone().float())
-        return SearchState(probs, torch.Generator().manual_seed(self.config.seed))
+        state = SearchState(probs, torch.Generator().manual_seed(self.config.seed))
+        if self.held_in:  # the start is the first incumbent: the search never returns worse on held-in text
+            state.incumbent, state.incumbent_loss = probs.map(torch.clone), self._held_in_loss(probs)
+        return state
 
     def _signature(self) -> dict:
         return state_file.signature(self.config, self.space, len(self.batches))
@@ -188,6 +200,7 @@ class PolicyGradientSearch:
             raise ResumeError(f"cannot read search state {self.checkpoint_path}: {exc}; delete it to start "
                               f"over") from exc
         self._clock -= saved.seconds  # the result's seconds include the run before the interruption
+        self._setup(progress=True)
         return state
 
     # -- loop ------------------------------------------------------------------------------
@@ -204,10 +217,49 @@ class PolicyGradientSearch:
     def _batch(self, step: int) -> dict[str, torch.Tensor]:
         return self._on_device(self.batches[self._train_batch(step)])
 
-    def sample_losses(self, batch: dict[str, torch.Tensor], masks: UnitMasks) -> torch.Tensor:
+    def _setup(self, progress: bool) -> None:
+        """What the losses need besides the model: the dense targets of ``loss="kl"`` and the dense input
+        means of ``loop_refit="bias"`` (computed once, on the unmasked model)."""
+        if getattr(self, "_prepared", False):
+            return
+        cfg = self.config
+        self.targets = [None] * len(self.batches)
+        if cfg.loss == "kl":
+            with eval_mode(self.model):
+                self.targets = dense_targets(self.model, self.batches, cfg.kl_top_k)
+        self.input_means = None
+        if cfg.loop_refit == "bias":
+            self.input_means = output_input_means(self.model, self.space, [
+                self.batches[i] for i in self.train[: cfg.init_batches]])
+        self._prepared = True
+
+    @torch.no_grad()
+    def sample_losses(self, batch: dict[str, torch.Tensor], masks: UnitMasks,
+                      target: DenseTargets | None = None) -> torch.Tensor:
         """``[K]`` losses of ``batch`` under the ``K`` mask samples (on the CPU)."""
         cfg = self.config
-        return sample_losses(self.model, self.space, batch, masks, cfg.samples_in_one_forward, cfg.execution).cpu()
+        if cfg.loss == "ce" and self.input_means is None:  # the paper's loss: one [K·B, T] forward (mask)
+            return sample_losses(self.model, self.space, batch, masks, cfg.samples_in_one_forward,
+                                 cfg.execution).cpu()
+        out = []
+        for j in range(masks.num_samples):
+            sample = masks.sample(j)
+            outputs = None if self.input_means is None else bias_outputs(self.model, self.space, sample,
+                                                                          self.input_means)
+            context = subnetwork(self.model, self.space, sample, outputs) if cfg.execution == "gather" \
+                else masked(self.model, self.space, sample)
+            with context:
+                logits = self.model(**batch, use_cache=False).logits
+            out.append(sequence_losses(logits, batch, cfg.loss, target).mean())
+        return torch.stack(out).float().cpu()
+
+    @torch.no_grad()
+    def _held_in_loss(self, probs: UnitValues) -> float:
+        """Mean loss of the hard mask of ``probs`` on the held-in blocks."""
+        mask = self.budget.hard_mask(probs).as_masks()
+        losses = [float(self.sample_losses(self._on_device(self.batches[b]), mask, self.targets[b])[0])
+                  for b in self.held_in]
+        return sum(losses) / len(losses)
 
     @torch.no_grad()
     def step(self, state: SearchState) -> float | None:
@@ -217,7 +269,14 @@ class PolicyGradientSearch:
         lr = _cosine_lr(cfg.lr, state.step, cfg.steps)
         masks = sample_unit_masks(state.probs, self.budget.searched, cfg.samples_per_step, state.generator,
                                   cfg.estimator)
-        losses = self.sample_losses(self._batch(state.step), masks)
+        band = None
+        if cfg.band:
+            hard = self.budget.hard_mask(state.probs)
+            band = threshold_band(state.probs, hard, self.space, cfg.band)
+            masks = UnitMasks(**{k: torch.where(band.as_dict()[k].bool(), m, hard.as_dict()[k])
+                                 if k in band.as_dict() else m for k, m in masks.as_dict().items()})
+        index = self._train_batch(state.step)
+        losses = self.sample_losses(self._on_device(self.batches[index]), masks, self.targets[index])
         ok = usable_samples(losses, cfg.estimator)
         state.nan_samples += int((~ok).sum())
         state.step += 1
@@ -228,10 +287,20 @@ class PolicyGradientSearch:
         state.baseline = ema_baseline(state.baseline, mean_loss, cfg.baseline_window)
         grads = {k: policy_gradient(cfg.estimator, losses, sampled[k][ok], getattr(state.probs, k), state.baseline)
                  for k in self.budget.searched}
+        if band is not None:  # units outside the band were not sampled: no information about them
+            grads = {k: g * band.as_dict()[k] if k in band.as_dict() else g for k, g in grads.items()}
         state.probs = self.budget.project(state.probs.stepped(grads, lr))
         for key, value in (("loss", mean_loss), ("baseline", state.baseline), ("lr", lr)):
             state.history[key].append(value)
+        if self.held_in and state.step % cfg.incumbent_every == 0:
+            self._check_incumbent(state)
         return mean_loss
+
+    def _check_incumbent(self, state: SearchState) -> None:
+        held = self._held_in_loss(state.probs)
+        state.history.setdefault("held_in", []).append(held)
+        if held < state.incumbent_loss:
+            state.incumbent, state.incumbent_loss = state.probs.map(torch.clone), held
 
     @torch.no_grad()
     def run(self, progress: bool = True, on_step: Callable[[int, SearchState], None] | None = None) -> SearchResult:
@@ -268,9 +337,12 @@ class PolicyGradientSearch:
         return {"loss": f"{loss:.3f}", "baseline": f"{state.baseline:.3f}"}
 
     def _result(self, state: SearchState, seconds: float) -> SearchResult:
-        """The search's answer from its final state."""
+        """The search's answer from its final state (with an incumbent: the better of it and the final state)."""
+        probs = state.probs
+        if self.held_in and state.incumbent is not None and state.incumbent_loss < self._held_in_loss(state.probs):
+            probs = state.incumbent
         return SearchResult(
-            probs=state.probs, masks=self.budget.hard_mask(state.probs), space=self.space, config=self.config,
+            probs=probs, masks=self.budget.hard_mask(probs), space=self.space, config=self.config,
             history=state.history, nan_samples=state.nan_samples, seconds=seconds,
         )
 

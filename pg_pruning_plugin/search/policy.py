@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..core.architectures import SearchSpace
 from ..core.units import UNIT_TYPES, UnitMasks, UnitValues
 
 __all__ = [
@@ -150,6 +151,22 @@ def sample_unit_masks(probs: UnitValues, searched: Iterable[str], num_samples: i
         else torch.ones(num_samples, values[k].numel())
         for k in UNIT_TYPES if k in values
     })
+
+
+def threshold_band(probs: UnitValues, hard: UnitValues, space: SearchSpace, fraction: float) -> UnitValues:
+    """1 for the width units within ``fraction`` of a layer's units of its hard-mask threshold (ranked by
+    ``probs``), 0 elsewhere: the units a band-restricted step samples; the others keep their hard-mask
+    value, so every sample is within a band of a mask the budget allows."""
+    out = {}
+    for kind, offsets in (("attn", space.attn_offsets), ("mlp", space.mlp_offsets)):
+        values, kept = getattr(probs, kind), getattr(hard, kind)
+        inside = torch.zeros_like(values)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            order = torch.argsort(values[a:b], descending=True, stable=True)
+            threshold, width = int(kept[a:b].sum()), max(1, round(fraction * (b - a)))
+            inside[a + order[max(0, threshold - width):threshold + width]] = 1.0
+        out[kind] = inside
+    return UnitValues(**out)
 
 
 def usable_samples(losses: torch.Tensor, estimator: str) -> torch.Tensor:
