@@ -1,7 +1,7 @@
 """Every workaround for Torch-Pruning 1.6.1 on transformers 5, numbered as in docs/torch_pruning.md.
 
 The numbers are those of the bug table there (1–9 are reproduced in the project's reference notes,
-10–14 were found while building the plugin). Each workaround acts on a graph or pruner object the
+10–16 were found while building the plugin or by its users). Each workaround acts on a graph or pruner object the
 plugin builds or is handed; nothing in ``torch_pruning`` or ``transformers`` is patched. Only the
 Torch-Pruning plugin (``integrations/torch_pruning``) imports this module: the core engine removes
 units without Torch-Pruning.
@@ -10,12 +10,14 @@ units without Torch-Pruning.
 bug     problem                                                             here
 ======  ==================================================================  ==============================
 1, 2    tracing hangs with a KV cache; SDPA tracing mis-couples GQA          :func:`tracing_mode`,
-                                                                            :func:`tracing_inputs`
+                                                                            :func:`tracing_inputs`,
+                                                                            :func:`trace_in_tracing_mode`
 3a, 8   duplicated GQA indices fail ``check_pruning_group``; a group that    :func:`step_groups`
         would empty a layer is skipped silently                             (refusing check)
 3b      duplicated indices corrupt ``in/out_features``; per-head q/k norm    :func:`prune_linear_members`,
         weights sit in attention groups                                     :func:`resync_linear_features`
-4–7     stock GQA head pruning removes query heads only, or nothing          :func:`kv_group_heads`
+4–7     stock GQA head pruning removes query heads only, or nothing          :func:`kv_group_heads`,
+                                                                            :func:`use_kv_group_heads`
 10      RoPE's concat loops ``get_pruning_group`` forever when n_rep == 2    :func:`freeze_index_mappings`,
                                                                             :func:`init_base_pruner`
 11      index mappings recomputed from current widths couple q to k/v 1:1   :func:`freeze_index_mappings`
@@ -23,11 +25,16 @@ bug     problem                                                             here
 13      ``BasePruner``'s mutable default dicts leak state between pruners    :func:`init_base_pruner`
 14      Torch-Pruning's counting: ``int(n·(1−r))`` loses a unit to float     :func:`keep_ratio`,
         error; per-layer head pruning removes ``ceil(r·n_now)`` per step    :func:`head_schedule`
+15      a plain ``BasePruner.step()`` prunes MLP channels, silently no KV    :func:`calling_pruner`
+        group (3a, 8), and leaves the config stale                          (the importance refuses it)
+16      "Unwrapped parameters detected" for the norm weights                 :func:`unwrapped_parameters`
 ======  ==================================================================  ==============================
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -43,6 +50,7 @@ from ..core.architectures import SearchSpace, decoder_layers
 from ..core.modeling import model_device
 
 __all__ = [
+    "calling_pruner",
     "dependency_graph",
     "freeze_index_mappings",
     "head_schedule",
@@ -52,9 +60,14 @@ __all__ = [
     "prune_linear_members",
     "resync_linear_features",
     "step_groups",
+    "trace_in_tracing_mode",
     "tracing_inputs",
     "tracing_mode",
+    "unwrapped_parameters",
+    "use_kv_group_heads",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 # -- bugs 1, 2: tracing ---------------------------------------------------------------------------
@@ -70,6 +83,45 @@ def tracing_mode(model: nn.Module) -> Iterator[None]:
     finally:
         model.set_attn_implementation(attn_impl)
         config.use_cache = use_cache
+
+
+def _torch_pruning_traces(model: nn.Module) -> bool:
+    """True while ``DependencyGraph._trace`` runs ``model``: its recording hooks sit on the model's modules."""
+    return torch.is_grad_enabled() and any(
+        getattr(hook, "__name__", "") == "_record_grad_fn"
+        for module in model.modules() for hook in module._forward_hooks.values())
+
+
+def trace_in_tracing_mode(model: nn.Module) -> None:
+    """Make every Torch-Pruning trace of ``model`` run under :func:`tracing_mode` (bugs 1, 2), once.
+
+    A forward pre-hook recognises the forward pass of Torch-Pruning's tracing (it registers its recording
+    hooks on the model's modules, with autograd on) and runs that pass with eager attention and
+    ``use_cache=False``; a forward hook restores the settings. Any other forward pass is left alone, so a
+    ``tp.pruner.BasePruner`` built the way Torch-Pruning's examples build it (a tensor of token ids as
+    ``example_inputs``, no context) traces correctly instead of hanging on the KV cache.
+    """
+    if getattr(model, "_pg_pruning_tracing_hooks", False):
+        return
+    saved: list[tuple[str, Any]] = []
+
+    def before(module, args, kwargs):
+        if not _torch_pruning_traces(module):
+            return None
+        saved.append((module.config._attn_implementation, getattr(module.config, "use_cache", None)))
+        module.set_attn_implementation("eager")
+        module.config.use_cache = False
+        return args, kwargs | {"use_cache": False}
+
+    def after(module, args, kwargs, output):
+        if saved:
+            attn_impl, use_cache = saved.pop()
+            module.set_attn_implementation(attn_impl)
+            module.config.use_cache = use_cache
+
+    model.register_forward_pre_hook(before, with_kwargs=True)
+    model.register_forward_hook(after, with_kwargs=True, always_call=True)
+    model._pg_pruning_tracing_hooks = True
 
 
 def tracing_inputs(model: nn.Module, inputs: torch.Tensor | dict | None = None) -> dict[str, Any]:
@@ -139,6 +191,26 @@ def kv_group_heads(model: nn.Module) -> dict[nn.Module, int]:
         for name in (space.spec.q, space.spec.k, space.spec.v):
             heads[getattr(attn, name)] = shape.num_kv_groups
     return heads
+
+
+def use_kv_group_heads(pruner: tp.pruner.BasePruner) -> None:
+    """Turn the stock per-head ``num_heads`` of a hand-built pruner (``{q: n_q, k: n_kv, v: n_kv}``, as
+    Torch-Pruning's LLM example writes it) into one head per KV group (bugs 4–7), in place.
+
+    ``head_pruning_ratio`` keeps its meaning as a fraction of the heads: a removed KV group takes its
+    ``n_rep`` query heads with it. ``out_channel_groups`` (which ``BasePruner`` copied from ``num_heads``) and
+    the head total of the global threshold follow.
+    """
+    wanted = kv_group_heads(pruner.model)
+    changed = {m: n for m, n in wanted.items() if m in pruner.num_heads and pruner.num_heads[m] != n}
+    if not changed:
+        return
+    logger.info("num_heads: one Torch-Pruning head per KV group for %d projections (whole KV groups are removed; "
+                "Torch-Pruning's own GQA head pruning removes query heads only)", len(changed))
+    for module, n in changed.items():
+        pruner.num_heads[module] = n
+        pruner.out_channel_groups[module] = n
+    pruner.initial_total_heads = _count_heads(pruner)
 
 
 # -- bugs 10, 13: building a BasePruner -----------------------------------------------------------------
@@ -233,6 +305,38 @@ def step_groups(pruner: tp.pruner.BasePruner, step_fn: Callable, query_projectio
             graph.check_pruning_group = own_check
         if head_ratio is not None:
             pruner.per_step_head_pruning_ratio[step] = head_ratio
+
+
+# -- bug 15: a plain BasePruner.step() ---------------------------------------------------------------------
+def calling_pruner() -> tp.pruner.BasePruner | None:
+    """The ``BasePruner`` whose step (``_prune``) is running further up the call stack, if any.
+
+    An importance is handed groups, never the pruner; a plain ``pruner.step()`` must be refused before it
+    prunes (the importance is asked for every group before any is pruned), and its ``current_step`` put back.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if frame.f_code.co_name == "_prune" and isinstance(candidate, tp.pruner.BasePruner):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+# -- bug 16: the norm weights -----------------------------------------------------------------------------
+def unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """``unwrapped_parameters`` for ``BasePruner``/``DependencyGraph``: the parameters of modules Torch-Pruning
+    has no pruner for (RMSNorm weights, per-head q/k norms), each with the dimension Torch-Pruning would
+    choose itself (the last non-singleton one). Passing them explicitly silences "Unwrapped parameters
+    detected"; the plugin never prunes them (the hidden size is frozen, whole heads keep ``head_dim``)."""
+    prunable = set(tp.pruner.function.PrunerBox) - {ops.OPTYPE.ELEMENTWISE}  # as DependencyGraph decides
+    wrapped = {id(p) for m in model.modules() if ops.module2type(m) in prunable for p in m.parameters()}
+    found = []
+    for p in model.parameters():
+        dims = [i for i, size in enumerate(p.shape) if size > 1]
+        if id(p) not in wrapped and dims:
+            found.append((p, dims[-1]))
+    return found
 
 
 # -- bug 3b: pruning a validated group ------------------------------------------------------------------

@@ -9,13 +9,23 @@
     pruner = build_pruner(model, importance, attn_ratio=0.3, mlp_ratio=0.3)   # a tp.pruner.BasePruner
     pruner.step()                      # whole KV groups and MLP channels removed, config updated
 
+A pruner built by hand, or as Torch-Pruning's LLM example builds one, prunes with
+``prune_step(pruner)`` instead of its own ``step()`` (which the importance refuses before pruning).
+
 ``importance.py`` scores units and recognises Torch-Pruning's group layouts; ``ledger.py`` tracks
 which units are still present; ``pruner.py`` plans ratios and runs the steps. The Torch-Pruning
 1.6.1 workarounds they rely on are in ``pg_pruning_plugin/compat/torch_pruning.py``
-(docs/torch_pruning.md numbers them); its tracing helpers are part of this API.
+(docs/torch_pruning.md numbers them); its tracing helpers and ``unwrapped_parameters`` are part of this
+API.
 """
 
-from ...compat.torch_pruning import dependency_graph, kv_group_heads, tracing_inputs, tracing_mode
+from ...compat.torch_pruning import (
+    dependency_graph,
+    kv_group_heads,
+    tracing_inputs,
+    tracing_mode,
+    unwrapped_parameters,
+)
 from .importance import GroupLayoutError, PolicyGradientImportance
 from .ledger import UnitLedger
 from .pruner import PolicyGradientPruner, StepReport, build_pruner, prune_step
@@ -32,4 +42,5 @@ __all__ = [
     "prune_step",
     "tracing_inputs",
     "tracing_mode",
+    "unwrapped_parameters",
 ]

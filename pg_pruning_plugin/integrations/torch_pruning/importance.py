@@ -12,6 +12,11 @@ bonus above every rank, so global ranking never selects a whole layer (bug 8 of 
 Every group is checked to couple exactly the expected members (q/k/v rows and o columns of whole KV
 groups, or gate/up rows and down columns of channels, of one layer); anything else is a
 :class:`GroupLayoutError`.
+
+Building the importance makes every later Torch-Pruning trace of the model run with eager attention
+and no KV cache (``compat.torch_pruning.trace_in_tracing_mode``), so a pruner built as Torch-Pruning's
+examples build one traces correctly. Pruning goes through ``prune_step``: a plain ``BasePruner.step()``
+asking this importance is refused before anything is pruned (bug 15 of docs/torch_pruning.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from ...compat.torch_pruning import calling_pruner, trace_in_tracing_mode
 from ...core.architectures import SearchSpace, decoder_layers, projections
 from ...search.config import SearchResult
 from .ledger import ATTN, MLP, UnitLedger, format_blocks
@@ -81,6 +87,22 @@ def _search_removed_blocks(result: SearchResult) -> tuple[tuple[int, str], ...]:
                  for kind, value in ((ATTN, masks.attn_blocks), (MLP, masks.mlp_blocks)) if not value[i])
 
 
+def _refuse_plain_step() -> None:
+    """Raise if a ``BasePruner`` step other than ``prune_step``'s asks for scores (bug 15), after putting the
+    pruner's step counter back; a direct call (to inspect scores) passes."""
+    pruner = calling_pruner()
+    if pruner is None:
+        return
+    pruner.current_step -= 1  # BasePruner.step counted a step that prunes nothing
+    raise RuntimeError(
+        "PolicyGradientImportance prunes through prune_step(pruner): a plain pruner.step() (or `for g in "
+        "pruner.step(interactive=True): g.prune()`) would keep every KV group (Torch-Pruning 1.6.1 rejects GQA groups "
+        "silently), cut per-head norms and leave the config stale. Replace the step by `prune_step(pruner)` (from "
+        "pg_pruning_plugin.integrations.torch_pruning), or build the pruner with build_pruner, whose step() is "
+        "prune_step. Nothing was pruned"
+    )
+
+
 class PolicyGradientImportance(tp.importance.Importance):
     """One score per root channel of attention and MLP groups, from a finished policy-gradient search.
 
@@ -126,6 +148,8 @@ class PolicyGradientImportance(tp.importance.Importance):
             for i, layer in enumerate(decoder_layers(model)) for kind in (ATTN, MLP)
         }
         self.ledger = UnitLedger(space, self._removed, result.masks.has_blocks)
+        self.stepping = False  # set by prune_step while it collects a step's groups
+        trace_in_tracing_mode(model)
         if self._removed:
             logger.info("the search removed %d blocks (%s); the importance skips their groups and prune_step "
                         "removes them at the pruner's last step", len(self._removed), format_blocks(self._removed))
@@ -151,6 +175,8 @@ class PolicyGradientImportance(tp.importance.Importance):
         return scores
 
     def __call__(self, group) -> torch.Tensor | None:
+        if not self.stepping:
+            _refuse_plain_step()
         kind, layer = self.classify(group)
         if kind is None or (layer, kind) in self._removed:
             return None  # not ours, or a block the search removed: the engine deletes it, not Torch-Pruning

@@ -34,6 +34,7 @@ from ...compat.torch_pruning import (
     prune_linear_members,
     resync_linear_features,
     step_groups,
+    use_kv_group_heads,
 )
 from ...core.architectures import SearchSpace, decoder_layers
 from ...core.removal import remove_blocks, update_config
@@ -73,13 +74,6 @@ def _check_pruner(pruner: tp.pruner.BasePruner, importance: PolicyGradientImport
         raise ValueError("the pruner and the importance were built for different models")
     if pruner.importance is not importance:
         raise ValueError("the pruner ranks with another importance object; pass this one as importance=")
-    for module, n_kv in kv_group_heads(pruner.model).items():
-        if module in pruner.num_heads and pruner.num_heads[module] != n_kv:
-            raise ValueError(
-                f"num_heads[{importance.layer_of(module)}] = {pruner.num_heads[module]}, but the layer has {n_kv} KV "
-                f"groups: use num_heads=kv_group_heads(model) (Torch-Pruning's own GQA branch removes query heads "
-                f"only, or nothing, torch_pruning.md bugs 4-7)"
-            )
     if pruner.num_heads and pruner.prune_head_dims:
         raise ValueError("prune_head_dims=True shrinks head_dim and breaks RoPE; pass prune_head_dims=False")
     if importance.ledger.blocks_pending:
@@ -116,12 +110,17 @@ def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportanc
     if not isinstance(importance, PolicyGradientImportance):
         raise TypeError("prune_step needs a PolicyGradientImportance (pass importance= or build the pruner with one)")
     _check_pruner(pruner, importance)
+    use_kv_group_heads(pruner)  # a hand-built pruner's stock per-head num_heads: one head per KV group
     ledger = importance.ledger
     ledger.check_widths(pruner.model)
     if pruner.round_to:
         importance.min_keep_channels = max(importance.min_keep_channels, pruner.round_to)
     step_fn = tp.pruner.BasePruner.step if isinstance(pruner, PolicyGradientPruner) else type(pruner).step
-    groups = step_groups(pruner, step_fn, importance.projections("q"), importance.layer_of)
+    importance.stepping = True
+    try:
+        groups = step_groups(pruner, step_fn, importance.projections("q"), importance.layer_of)
+    finally:
+        importance.stepping = False
     plan = []
     for group in groups:
         kind, layer = importance.classify(group)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ from pg_pruning_plugin.integrations.torch_pruning import (
     prune_step,
     tracing_inputs,
     tracing_mode,
+    unwrapped_parameters,
 )
 from pg_pruning_plugin.search.costs import unit_costs
 from tests.helpers import REPO, greedy, synthetic_result, tiny_model
@@ -120,13 +122,13 @@ def stock_pruner(model, importance, global_pruning, round_to=None, iterative_ste
     if ignore_layer is not None:
         ignored += [layers[ignore_layer].self_attn, layers[ignore_layer].mlp]
     mlps = tuple(layer.mlp for i, layer in enumerate(layers) if i != ignore_layer)
-    with tracing_mode(model):
-        return tp.pruner.BasePruner(
-            model, tracing_inputs(model), importance=importance, global_pruning=global_pruning,
-            pruning_ratio=0.5, pruning_ratio_dict={mlps: 0.25}, num_heads=kv_group_heads(model),
-            prune_num_heads=True, head_pruning_ratio=0.5, prune_head_dims=False, round_to=round_to,
-            iterative_steps=iterative_steps, ignored_layers=ignored, output_transform=lambda out: out.logits,
-        )
+    return tp.pruner.BasePruner(  # no tracing context: the importance makes Torch-Pruning trace eagerly, no cache
+        model, IDS[:1], importance=importance, global_pruning=global_pruning,
+        pruning_ratio=0.5, pruning_ratio_dict={mlps: 0.25}, num_heads=kv_group_heads(model),
+        prune_num_heads=True, head_pruning_ratio=0.5, prune_head_dims=False, round_to=round_to,
+        iterative_steps=iterative_steps, ignored_layers=ignored, output_transform=lambda out: out.logits,
+        unwrapped_parameters=unwrapped_parameters(model),
+    )
 
 
 @pytest.mark.parametrize("case", STOCK_CASES)
@@ -252,25 +254,22 @@ def test_importance_for_another_model_is_refused(base):
 
 def test_unrecognised_group_layout_is_reported(base):
     model = copy.deepcopy(base)
-    importance = PolicyGradientImportance(synthetic_result(model, True), model)
-    with torch.enable_grad():  # SDPA tracing, no GQA mapping (torch_pruning.md bug 2)
+    with torch.enable_grad():  # SDPA tracing before the importance exists: no GQA mapping (torch_pruning.md bug 2)
         graph = tp.DependencyGraph().build_dependency(model, example_inputs=tracing_inputs(model),
                                                       output_transform=lambda out: out.logits)
+    importance = PolicyGradientImportance(synthetic_result(model, True), model)
     attn_roots = [g for g in graph.get_all_groups(ignored_layers=[model.lm_head, model.model.embed_tokens],
                                                   root_module_types=[torch.nn.Linear])
                   if "self_attn" in g[0].dep.target.name]
     with pytest.raises(GroupLayoutError, match="SDPA"):
         for group in attn_roots:
             importance(group)
-    with tracing_mode(model):
-        pruner = tp.pruner.BasePruner(model, tracing_inputs(model), importance, pruning_ratio=0.5,
-                                      num_heads={m: 12 if m in importance.projections("q") else 4
-                                                 for m in kv_group_heads(model)},
-                                      prune_num_heads=True, head_pruning_ratio=0.5, prune_head_dims=False,
-                                      output_transform=lambda out: out.logits,
-                                      ignored_layers=[model.lm_head, model.model.embed_tokens])
-    with pytest.raises(ValueError, match=r"num_heads=kv_group_heads\(model\)"):
-        prune_step(pruner, importance)  # Torch-Pruning's own GQA head counts
+    pruner = tp.pruner.BasePruner(model, tracing_inputs(model), importance, pruning_ratio=0.5,
+                                  num_heads=kv_group_heads(model), prune_num_heads=True, head_pruning_ratio=0.5,
+                                  prune_head_dims=True, output_transform=lambda out: out.logits,
+                                  ignored_layers=[model.lm_head, model.model.embed_tokens])
+    with pytest.raises(ValueError, match="prune_head_dims=False"):
+        prune_step(pruner, importance)
 
 
 def test_budget_that_would_empty_a_layer_is_refused(base):
@@ -484,7 +483,10 @@ def test_docs_example_runs_as_written(example, tmp_path, monkeypatch):
     assert len(blocks) == 2, "docs/torch_pruning.md should hold two python examples"
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(blocks[example], str(DOC), "exec"), namespace)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(blocks[example], str(DOC), "exec"), namespace)
+    assert not [w for w in caught if "Unwrapped parameters" in str(w.message)]  # Torch-Pruning's noise
     pruned = SearchSpace.from_model(namespace["pruned"])
     if example == 0:
         assert pruned.num_attn_units < 90
