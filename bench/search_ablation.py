@@ -25,8 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ResultFile, command_line, fmt, machine_lines, markdown_table, settings_of  # noqa: E402
