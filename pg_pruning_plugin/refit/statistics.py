@@ -9,7 +9,8 @@ one forward pass; afterwards ``stream.run(i)`` runs layer ``i`` on the current h
 layer ``i + 1`` are those of the model pruned up to layer ``i`` (sequential statistics).
 
 :class:`InputStatistics` accumulates, for one ``nn.Linear``, the sum ``Σ x`` and the Gram matrix
-``H = Σ x xᵀ`` of its input rows over all calibration tokens, in float64 on the module's device.
+``H = Σ x xᵀ`` of its input rows over all calibration tokens on the module's device: each forward call's
+products in float32, their sum in float64.
 """
 
 from __future__ import annotations
@@ -55,16 +56,17 @@ class InputStatistics:
         self._handle = None
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)  # [tokens, n]
+        # one call's products in float32 (a few thousand terms each), summed over calls in float64
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()  # [tokens, n]
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteActivationError(f"non-finite calibration activations enter {self.name or 'a projection'}")
-        self.sum += x.sum(0)
-        self.gram += x.T @ x
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.gram += (x.T @ x).double()
         self.tokens += x.shape[0]
         if self.reference is not None:
-            ref = self.reference[self._calls].reshape(-1, x.shape[-1]).to(x.device, torch.float64)
-            self.cross += ref.T @ x
-            self.reference_gram += ref.T @ ref
+            ref = self.reference[self._calls].reshape(-1, x.shape[-1]).to(x.device, torch.float32)
+            self.cross += (ref.T @ x).double()
+            self.reference_gram += (ref.T @ ref).double()
         self._calls += 1
 
     def __enter__(self) -> InputStatistics:
