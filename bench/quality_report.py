@@ -2,167 +2,255 @@
 
     python bench/quality_report.py docs/results/quality.json --out docs/results/quality.md \
         --plot docs/results/quality.png --notes docs/results/quality_notes.md
+
+The report: the dense row; one table per ratio with every method × refit option; the best refit of
+every method per ratio; the search against the best baseline; a plot of PPL@128 against the ratio
+(each method with its best refit, dashed without refit); zero-shot accuracy with standard errors for
+the rows that have it.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 from pathlib import Path
 
-from _common import fmt, machine_lines
+from _common import fmt, machine_lines, markdown_table
 
-from pg_pruning_plugin.cli.compare import SEARCH_METHODS, STATISTICS_KEY
+from pg_pruning_plugin.cli.compare import SEARCH_PREFIX, ZERO_SHOT_ROLES, is_search, zero_shot_targets
+from pg_pruning_plugin.refit import REFIT_METHODS
 from pg_pruning_plugin.resources.files import atomic_file, write_atomic
+from pg_pruning_plugin.scoring.baselines import STRUCTURES
 
 LABELS = {
-    "dense": "dense",
-    "random": "random (global)",
-    "magnitude": "magnitude, TP group L2² sum (global)",
-    "wanda-sp": "Wanda-sp (per layer)",
-    "flap": "FLAP, per-type adaptive + bias",
-    "flap-joint": "FLAP AL-AM, joint + bias",
-    "taylor": "Taylor, first-order w·grad (global)",
-    "pg-wanda-sp": "PG search, Wanda-sp init",
-    "pg-constant": "PG search, constant init",
+    "random": "random",
+    "magnitude": "magnitude (TP group L2² sum)",
+    "taylor": "Taylor (first-order w·grad)",
+    "wanda-sp": "Wanda-sp, per layer",
+    "wanda-sp-global": "Wanda-sp, global",
+    "flap": "FLAP, per-type adaptive",
+    "flap-joint": "FLAP AL-AM, joint",
+    "shortgpt": "ShortGPT, whole layers",
+    "wanda-sp-units": "Wanda-sp, per-layer unit counts (not param-matched)",
+}
+ORDER = {m: i for i, m in enumerate(LABELS)}
+# How each structure of scoring/baselines.py meets the parameter budget (its module docstring has the tolerances).
+BUDGET_RULES = {
+    "global": "the count rule's fraction of KV groups over all layers, then the MLP channels over all layers that "
+              "bring the removed parameters nearest to the target (within half a channel)",
+    "per-layer": "in every layer the count rule's KV groups and the channels that bring that layer's removed "
+                 "parameters nearest to the target (within half a channel per layer)",
+    "AL-AM": "one ranking of KV groups and channels, kept best first while they fit (at most one channel over)",
+    "layers": "round(ratio × layers) whole decoder layers (exact when that is an integer)",
+    "per-layer-units": "the count rule's fraction of KV groups and of channels in every layer (removes less where "
+                       "a layer's few KV groups round down)",
 }
 
 
-def _panel_value(key: str, row: dict):
-    return row.get("zero_shot", {}).get("mean") if key == "zero_shot" else row.get(key)
+def label(method: str) -> str:
+    if is_search(method):
+        return f"PG search, {method.removeprefix(SEARCH_PREFIX)} configuration"
+    return LABELS.get(method, method)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """PPL@128 and PPL@2048 (log scale) and mean zero-shot accuracy against the removed fraction."""
+def _methods(rows: list[dict]) -> list[str]:
+    """Methods in report order: baselines as in :data:`LABELS`, then the search configurations."""
+    found = dict.fromkeys(r["method"] for r in rows if r["method"] != "dense")
+    return sorted(found, key=lambda m: (is_search(m), ORDER.get(m, len(ORDER)), m))
+
+
+def _best(rows: list[dict], method: str, ratio: float, key: str = "ppl128") -> dict | None:
+    """The row of ``method`` at ``ratio`` with the lowest ``key`` over its refit options."""
+    at = [r for r in rows if r["method"] == method and r["ratio"] == ratio and r.get(key) is not None]
+    return min(at, key=lambda r: r[key]) if at else None
+
+
+def _row(rows: list[dict], method: str, ratio: float, refit: str) -> dict | None:
+    return next((r for r in rows if r["method"] == method and r["ratio"] == ratio and r["refit"] == refit), None)
+
+
+def plot(rows: list[dict], ratios: list[float], dense: dict | None, path: Path) -> None:
+    """PPL@128 (log scale) against the removed fraction: per method its best refit (solid) and no refit (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    panels = [("ppl128", "PPL, 128-token windows"), ("ppl2048", "PPL, 2048-token windows")]
-    if any("zero_shot" in r for r in rows):
-        panels.append(("zero_shot", "mean zero-shot acc"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    methods = [m for m in LABELS if m != "dense" and any(r["method"] == m for r in rows)]
-    for ax, (key, title) in zip(axes[0], panels):
-        value = functools.partial(_panel_value, key)
-        for m in methods:
-            pts = sorted((r["ratio"], value(r)) for r in rows if r["method"] == m and value(r) is not None)
-            if pts:
-                search = m in SEARCH_METHODS
-                ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="*" if search else "o",
-                        markersize=10 if search else 6, linewidth=2.5 if search else 1.2, label=LABELS[m])
-        if dense is not None and value(dense) is not None:
-            ax.axhline(value(dense), color="black", linestyle="--", linewidth=1, label="dense")
-        if key != "zero_shot":
-            ax.set_yscale("log")
-        ax.set_xlabel("% of KV groups and MLP channels removed")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, method in enumerate(_methods(rows)):
+        color, search = colors[i % len(colors)], is_search(method)
+        best = [(x, _best(rows, method, x)) for x in ratios]
+        best = [(100 * x, r["ppl128"]) for x, r in best if r is not None]
+        plain = [(100 * x, _row(rows, method, x, "none")) for x in ratios]
+        plain = [(x, r["ppl128"]) for x, r in plain if r is not None and r.get("ppl128") is not None]
+        style = dict(color=color, marker="*" if search else "o", markersize=10 if search else 5)
+        if best:
+            ax.plot(*zip(*best), linewidth=2.5 if search else 1.4, label=f"{label(method)}, best refit", **style)
+        if plain:
+            ax.plot(*zip(*plain), linestyle="--", linewidth=1.0, alpha=0.7, **style)
+    if dense is not None:
+        ax.axhline(dense["ppl128"], color="black", linestyle=":", linewidth=1, label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("% of prunable parameters removed")
+    ax.set_ylabel("held-out PPL, 128-token windows")
+    ax.set_title("solid: best refit per method; dashed: no refit")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_file(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
-def _verdicts(rows: list[dict]) -> list[str]:
-    """Per ratio: the best baseline and the best search row on PPL@128."""
+def _search_budget(rows: list[dict], method: str) -> str:
+    """How a search configuration's budget reads the ratio (from its recorded ``SearchConfig``)."""
+    config = next((r["search_config"] for r in rows if r["method"] == method and "search_config" in r), {})
+    if config.get("cost"):
+        return f"one budget in {config['cost']} over all layers and unit types (the ratio is that fraction removed)"
+    return ("the same fraction of KV groups and of MLP channels over all layers (the count rule; exactly the parameter "
+            "fraction whenever both counts are exact, as on SmolLM2 at 20/30/50 %)")
+
+
+def _seconds(r: dict) -> str:
+    return fmt(r.get("selection_seconds"), ".0f") + ("*" if r.get("reused_statistics") else "")
+
+
+def _ratio_table(rows: list[dict], ratio: float) -> list[str]:
+    body = []
+    for method in _methods(rows):
+        for refit in REFIT_METHODS:
+            r = _row(rows, method, ratio, refit)
+            if r is None:
+                continue
+            body.append([label(method), refit, fmt(r.get("ppl128")), fmt(r.get("ppl2048")),
+                         fmt(r.get("prunable_removed"), ".2%"), r["kv_groups"], r["mlp_channels"], r.get("layers", "–"),
+                         _seconds(r), fmt(r.get("refit_seconds"), ".0f"),
+                         f"{fmt(r.get('selection_peak_mib'), '.0f')} / {fmt(r.get('refit_peak_mib'), '.0f')}"])
+    return markdown_table(["method", "refit", "PPL@128", "PPL@2048", "prunable removed", "KV groups kept",
+                           "MLP channels kept", "layers", "selection (s)", "refit (s)", "peak MiB (selection / refit)"],
+                          body, "llrrrrrrrrr")
+
+
+def _best_table(rows: list[dict], ratios: list[float]) -> list[str]:
+    body = []
+    for method in _methods(rows):
+        cells = []
+        for ratio in ratios:
+            best, plain = _best(rows, method, ratio), _row(rows, method, ratio, "none")
+            cells.append("–" if best is None else f"{fmt(best['ppl128'])} ({best['refit']}; none "
+                         f"{fmt(plain.get('ppl128') if plain else None)})")
+        body.append([label(method), *cells])
+    return markdown_table(["method", *(f"{x:.0%}: PPL@128 (best refit; without)" for x in ratios)], body,
+                          "l" + "r" * len(ratios))
+
+
+def _verdicts(rows: list[dict], ratios: list[float]) -> list[str]:
+    """Per ratio and protocol: the best search row against the best baseline row (each with its best refit)."""
     out = []
-    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "dense"}):
-        at = [r for r in rows if r["ratio"] == ratio and r.get("ppl128") is not None]
-        base = [r for r in at if r["method"] not in SEARCH_METHODS]
-        search = [r for r in at if r["method"] in SEARCH_METHODS]
-        if not base or not search:
-            continue
-        b = min(base, key=lambda r: r["ppl128"])
-        s = min(search, key=lambda r: r["ppl128"])
-        verdict = "beats" if s["ppl128"] < b["ppl128"] else "does NOT beat"
-        out.append(f"- {ratio:.0%}: best search row ({LABELS[s['method']]}, {s['ppl128']:.2f}) {verdict} the best "
-                   f"baseline ({LABELS[b['method']]}, {b['ppl128']:.2f}) on PPL@128.")
+    for ratio in ratios:
+        for key, name in (("ppl128", "PPL@128"), ("ppl2048", "PPL@2048")):
+            at = [r for r in rows if r["ratio"] == ratio and r["method"] != "dense" and r.get(key) is not None]
+            base = [r for r in at if not is_search(r["method"])]
+            search = [r for r in at if is_search(r["method"])]
+            if not base or not search:
+                continue
+            b, s = min(base, key=lambda r: r[key]), min(search, key=lambda r: r[key])
+            verdict = "beats" if s[key] < b[key] else "does NOT beat"
+            out.append(f"- {ratio:.0%}, {name}: the best search row ({label(s['method'])}, refit {s['refit']}, "
+                       f"{s[key]:.2f}) {verdict} the best baseline ({label(b['method'])}, refit {b['refit']}, "
+                       f"{b[key]:.2f}); ratio {s[key] / b[key]:.2f}.")
     return out
 
 
-def _mark_reused(rows: list[dict]) -> None:
-    """Rows of one run without the ``reused_statistics`` field get it from the execution order."""
-    seen: set[str] = set()
-    for r in rows:
-        key = STATISTICS_KEY.get(r["method"])
-        r.setdefault("reused_statistics", key in seen)
-        if key:
-            seen.add(key)
+def _pm(acc: float | None, stderr: float | None, spec: str = ".3f") -> str:
+    return fmt(acc, spec) + ("" if stderr is None else f" ± {format(stderr, spec)}")
+
+
+def _zero_shot_table(rows: list[dict], tasks: list[str]) -> list[str]:
+    """Every row with zero-shot results, named by the role :func:`zero_shot_targets` gives it now (a row
+    measured as a target of an earlier, smaller run may have lost that role to a row added later)."""
+    roles = {id(r): role for role, r in zero_shot_targets(rows, ZERO_SHOT_ROLES)}
+    body = []
+    for r in sorted((r for r in rows if "zero_shot" in r), key=lambda r: (r["ratio"], is_search(r["method"]))):
+        z = r["zero_shot"]
+        cells = [_pm(z["tasks"].get(t, {}).get("acc"), z["tasks"].get(t, {}).get("acc_stderr")) for t in tasks]
+        body.append([f"{r['ratio']:.0%}", roles.get(id(r), "no longer the best"),
+                     "dense" if r["method"] == "dense" else label(r["method"]), r["refit"], *cells,
+                     _pm(z.get("mean"), z.get("mean_stderr"), ".4f")])
+    return markdown_table(["removed", "row", "method", "refit", *tasks, "mean"], body, "rlll" + "r" * (len(tasks) + 1))
 
 
 def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = None) -> None:
     """Write the markdown report (and the plot) from the saved state."""
-    s, ev, rows = state["settings"], state["eval"], [dict(r) for r in state["rows"]]
-    _mark_reused(rows)
-    order = {k: i for i, k in enumerate(LABELS)}
-    rows = sorted(rows, key=lambda r: (r["ratio"], order.get(r["method"], 99)))
+    s, ev, rows = state["settings"], state["eval"], list(state["rows"])
     dense = next((r for r in rows if r["method"] == "dense"), None)
-    zs = bool(s["tasks"])
+    ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"})
+    methods = _methods(rows)
+    zero_shot = any("zero_shot" in r for r in rows)
+    machine = machine_lines(state["machine"])
+    structures = sorted({STRUCTURES[m] for m in methods if m in STRUCTURES}, key=list(BUDGET_RULES).index)
     lines = [
-        "# Quality: baselines vs the policy-gradient search (`pg-prune compare`)", "",
+        "# Quality: every method × every refit at one parameter budget (`pg-prune compare`)", "",
         "Every number below was produced by " + " then ".join(f"`{c}`" for c in state["commands"])
         + (" (`--resume` keeps the earlier rows; the settings are checked to be identical)"
            if len(state["commands"]) > 1 else "") + "; rendered by `python bench/quality_report.py`  ",
-        *machine_lines(state["machine"])[:1],
-        machine_lines(state["machine"])[1] + f"; dtype {s['dtype']}; total wall time "
-        f"{state.get('wall_seconds', 0) / 60:.0f} min (on a shared machine wall times include contention)", "",
+        machine[0], machine[1] + f"; dtype {s['dtype']}; total wall time {state.get('wall_seconds', 0) / 60:.0f} min "
+        "(on a shared machine wall times include contention)", "",
         "## Setup", "",
-        f"- Model: `{s['model']}`. Budget: the same fraction of KV groups and of MLP channels removed by every "
-        f"method (the search's budget); 'prunable removed' is the resulting fraction of q/k/v/o/gate/up/down weights.",
-        f"- Calibration (every data-driven method, and the search): {s['calib_blocks']} blocks x "
-        f"{s['calib_seq_len']} tokens of `{s['calib_text']}` (calib split, sampled with seed {s['seed']}) = "
-        f"{ev['calib_tokens']:,} tokens, in batches of {s['batch_size']}. The search cycles over the same blocks "
-        f"({s['steps']} steps x {s['batch_size']} blocks x K={s['samples']} samples, lr {s['lr']}, "
-        f"init mapping {s['init_mapping']}).",
-        f"- Seeds: {s['seed']} for the calibration sample, the random baseline and the search.",
+        f"- Model: `{s['model']}`. **One currency**: every method removes the same fraction of the *prunable* "
+        "parameters (the q/k/v/o/gate/up/down weights) and splits it between KV groups, MLP channels and layers "
+        "as its structure does; 'prunable removed' is the fraction each row achieved. How each structure meets it:",
+        *(f"  - {name} ({'; '.join(label(m) for m in methods if STRUCTURES.get(m) == name)}): {BUDGET_RULES[name]}."
+          for name in structures),
+        *(f"  - {label(m)}: {_search_budget(rows, m)}." for m in methods if is_search(m)),
+        f"- **Calibration, the same for every method**: {s['calib_blocks']} blocks × {s['calib_seq_len']} tokens of "
+        f"`{s['calib_text']}` (calib split, sampled with seed {s['seed']}) = {ev['calib_tokens']:,} tokens, in batches "
+        f"of {s['batch_size']}. The data-driven baselines' statistics, the search's initial metric and steps (it "
+        "cycles over these blocks) and every refit used exactly these blocks.",
+        f"- **Seeds**: {s['seed']} for the calibration sample, the random baseline and the search.",
+        f"- **Refit** (`pg_pruning_plugin.refit.refit`, applied to every method's masks alike): `none` (removal "
+        "only), `bias` (FLAP's mean compensation of the removed channels, with statistics of the already pruned "
+        f"layers), `lstsq` (least-squares reconstruction of o_proj/down_proj, damping {s['damping']} of the mean "
+        "diagonal), layer by layer on the calibration blocks.",
         f"- Held-out perplexity on `{s['eval_text']}` (eval split, no document shared with calib): "
         f"PPL@128 = first {ev['ppl128_windows']} non-overlapping 128-token windows, exp(mean of batch-mean CE), "
         f"batch 8; PPL@2048 = first {ev['ppl2048_windows']} 2048-token windows, exp(token-weighted CE). "
-        f"Never compare across protocols.",
-        (f"- Zero-shot: lm-eval 0-shot accuracy (acc) on {', '.join(s['tasks'])}, first {s['limit']} documents "
-         f"per task (`--limit {s['limit']}`)." if zs else "- Zero-shot: skipped in this run (`--limit 0`)."),
-        "- Time and peak memory: the selection only (scores and masks; for the search its initial metric and "
-        "all steps), not pruning or evaluation. Peak memory is above the memory in use before the method "
-        "started (CPU: sampled RSS; GPU: max_memory_allocated). *: the ratio-independent statistics "
-        "(magnitudes, FLAP statistics, Taylor gradients) were computed once per run, by the first row of that kind; "
-        "the starred row's time and memory exclude them.", "",
-        "## Results", "",
-        "| removed | method | structure | KV groups kept | MLP channels kept | prunable removed | PPL@128 | PPL@2048 |"
-        + (" mean zero-shot acc |" if zs else "") + " time (s) | peak mem (MiB) |",
-        "|---:|---|---|---:|---:|---:|---:|---:|" + ("---:|" if zs else "") + "---:|---:|",
+        "Never compare across protocols.",
+        "- Time and peak memory: 'selection' is the method's scores and masks (for the search its initial metric "
+        "and all steps), 'refit' the refit alone; neither includes removal or evaluation. Peak memory is above the "
+        "memory in use before the call (CPU: peak RSS; GPU: max_memory_allocated). *: the ratio-independent "
+        "statistics (magnitudes, Taylor gradients, FLAP statistics, block influence; Wanda-sp per ratio) were "
+        "computed by an earlier row and reused; the starred time excludes them.",
+        (f"- Zero-shot: lm-eval 0-shot accuracy (acc) on {', '.join(s['tasks'])}, first {s['limit']} documents per "
+         "task, for the dense model, the best baseline row per ratio (lowest PPL@128 over methods and refits) and "
+         "each search configuration with its best refit; ± is lm-eval's standard error of each task and "
+         "sqrt(Σ se²)/T for the mean." if s["tasks"] else "- Zero-shot: skipped in this run (`--limit 0`)."),
+        "", "## Dense model", "",
     ]
-    for r in rows:
-        zero = f" {fmt(r.get('zero_shot', {}).get('mean'), '.4f')} |" if zs else ""
-        lines.append(
-            f"| {r['ratio']:.0%} | {LABELS.get(r['method'], r['method'])} | {r.get('structure', '-')} | "
-            f"{r['kv_groups']} | {r['mlp_channels']} | {fmt(r.get('prunable_removed', 0.0), '.1%')} | "
-            f"{fmt(r.get('ppl128'))} | {fmt(r.get('ppl2048'))} |{zero} "
-            f"{fmt(r.get('seconds'), '.0f')}{'*' if r['reused_statistics'] else ''} | "
-            f"{fmt(r.get('peak_mib'), '.0f')} |")
-    if zs:
-        lines += ["", "### Zero-shot accuracy per task", "",
-                  "| removed | method | " + " | ".join(s["tasks"]) + " | mean |",
-                  "|---:|---|" + "---:|" * (len(s["tasks"]) + 1)]
-        for r in rows:
-            z = r.get("zero_shot", {})
-            lines.append(f"| {r['ratio']:.0%} | {LABELS.get(r['method'], r['method'])} | "
-                         + " | ".join(fmt(z.get(t), ".3f") for t in s["tasks"]) + f" | {fmt(z.get('mean'), '.4f')} |")
-    search_rows = [r for r in rows if "first_loss" in r]
-    if search_rows:
-        lines += ["", "Search loss (mean sample CE over the first / last 10 steps): " + "; ".join(
-            f"{LABELS[r['method']]} at {r['ratio']:.0%}: {r['first_loss']:.3f} / {r['last_loss']:.3f}"
-            for r in search_rows) + "."]
-    verdicts = _verdicts(rows)
+    if dense is not None:
+        z = dense.get("zero_shot")
+        lines += markdown_table(["parameters", "prunable", "PPL@128", "PPL@2048", "mean zero-shot acc"],
+                                [[f"{dense['params']:,}", f"{dense['prunable_params']:,}", fmt(dense.get("ppl128")),
+                                  fmt(dense.get("ppl2048")), _pm(z["mean"], z["mean_stderr"], ".4f") if z else "–"]],
+                                "rrrrr")
+    for ratio in ratios:
+        lines += ["", f"## {ratio:.0%} of the prunable parameters removed", "", *_ratio_table(rows, ratio)]
+    if ratios:
+        lines += ["", "## Best refit per method", "", *_best_table(rows, ratios)]
+    verdicts = _verdicts(rows, ratios)
     if verdicts:
-        lines += ["", "## Does the search beat every baseline on held-out PPL@128?", "", *verdicts]
-    if dense is not None and plot_path is not None:
-        plot(rows, plot_path)
-        lines += ["", f"![quality plot]({plot_path.name})"]
+        lines += ["", "## Does the search beat every baseline (each with its best refit)?", "", *verdicts]
+    if dense is not None and plot_path is not None and ratios:
+        plot(rows, ratios, dense, plot_path)
+        lines += ["", f"![PPL@128 against the removed fraction]({plot_path.name})"]
+    if zero_shot:
+        lines += ["", "## Zero-shot accuracy", "", *_zero_shot_table(rows, s["tasks"])]
+    search_rows = [r for r in rows if "first_loss" in r and r["refit"] == "none"]
+    if search_rows:
+        lines += ["", "Search loss (mean sample loss over the first / last 10 steps): " + "; ".join(
+            f"{label(r['method'])} at {r['ratio']:.0%}: {r['first_loss']:.3f} / {r['last_loss']:.3f}"
+            for r in search_rows) + "."]
     if notes is not None:
         lines += ["", "## Notes (written by hand, not produced by this command)", "", notes.read_text().strip()]
     write_atomic(out, "\n".join(lines) + "\n")

@@ -1,51 +1,67 @@
-"""Baseline pruners in the policy-gradient search space: they pick KV groups and MLP channels.
+"""Baseline pruners in the policy-gradient search space, all at one budget: a fraction of the prunable parameters.
 
 Every baseline returns 0/1 :class:`~pg_pruning_plugin.core.units.UnitValues` masks over the same units
 as :class:`~pg_pruning_plugin.search.loop.PolicyGradientSearch`, so ``core.removal.prune_model`` removes
-them. The budget is given the same way as :class:`~pg_pruning_plugin.search.config.SearchConfig` gives it:
-the fraction of KV groups and the fraction of MLP channels removed.
+them. The budget ``sparsity`` is the fraction of the *prunable parameters* removed (the q/k/v/o/gate/up/down
+weights, ``SearchSpace.prunable_parameters``); each method splits it between KV groups, MLP channels and
+whole layers as its structure does, and :attr:`Baseline.removed_fraction` states what it achieved.
+Repairing the surviving weights afterwards (FLAP's bias compensation, least squares) is not part of a
+baseline: it is ``pg_pruning_plugin.refit.refit(model, masks, calibration, method="bias" | "lstsq")``,
+applied to every method's masks alike.
 
-Methods (:data:`BASELINES`); higher scores mean "keep":
+Scores (higher means "keep"):
 
-* ``random``: seeded standard-normal scores (``metrics.compute_metric(..., "random")``).
+* ``random``: seeded standard-normal scores (``metrics.compute_metric(..., "random")``). No data.
 * ``magnitude``: Torch-Pruning's group magnitude importance with ``p=2``, ``group_reduction="sum"``,
   no normalizer, i.e. the sum of squared weights over each unit's coupled q/k/v rows and o columns
-  (or gate/up rows and the down column), each weight counted once (``compute_metric(..., "magnitude")``).
-  No data.
-* ``wanda-sp``: ``compute_metric(..., "wanda-sp")`` (``|W|·sqrt(E[x²])`` of o_proj/down_proj, measured
-  layer by layer with earlier layers already pruned), kept per layer: the same fraction in every layer
-  (the FLAP repository's Wanda-sp and the authors' init mask).
-* ``flap``: FLAP (An et al., AAAI'24). Weighted input-feature variance ``Var(x_c)·‖W[:, c]‖²`` of
-  o_proj/down_proj from one dense pass (squared for attention, as the FLAP code does), standardised
-  within each layer per module type, averaged over a KV group's channels, then ranked across all
-  layers per type (FLAP's adaptive structure with the budget split per type, its ``AL-MM``), with
-  bias compensation (:func:`flap_biases`). The init metric ``wifv`` (scoring/metrics.py) is the same
-  per-channel value grouped as Wanda-sp groups it.
-* ``flap-joint``: the same with FLAP's default ``AL-AM`` structure: attention and MLP units in one
-  ranking, each weighted by its parameter count; the *prunable-parameter* fraction removed matches
-  (the KV-group / channel fractions then differ from the search's).
+  (or gate/up rows and the down column), each weight counted once. No data.
 * ``taylor``: LLM-Pruner's first-order Taylor importance (``param_first``, ``sum`` grouping):
   ``Σ |w · ∂L/∂w|`` over each unit's coupled weights, with ``L`` the mean next-token cross-entropy
   over the calibration batches (one backward per batch, gradients accumulated).
+* ``wanda-sp``: ``compute_metric(..., "wanda-sp")`` (``|W|·sqrt(E[x²])`` of o_proj/down_proj), measured
+  layer by layer with the earlier layers pruned by the per-layer rule below (FLAP's repository's Wanda-sp).
+* ``flap``: FLAP (An et al., AAAI'24). Weighted input-feature variance ``Var(x_c)·‖W[:, c]‖²`` of
+  o_proj/down_proj from one dense pass (squared for attention, as the FLAP code does), standardised
+  within each layer per module type, averaged over a KV group's channels. The init metric ``wifv``
+  (scoring/metrics.py) is the same per-channel value grouped as Wanda-sp groups it.
+* block influence (ShortGPT, Men et al. 2024): ``1 − cos(x_in, x_out)`` across a decoder layer
+  (:func:`~pg_pruning_plugin.scoring.metrics.block_influence`).
 
-Selection (:data:`STRUCTURES`): ``uniform`` keeps ``kept_count(n, r)`` units in every layer (as
-``core.selection.top_k_mask(..., global_pool=False)``); ``global`` keeps exactly ``kept_count(n, r)`` units
-of each type over all layers (the search's count, core/selection.py), the best unit of each layer always
-among them.
-Note that ``uniform`` cannot hit small fractions of few units: with 3 KV groups per layer, 30 %
-removes none.
+Methods (:data:`BASELINES`) are a score and a structure (:data:`STRUCTURES`). With ``s`` the sparsity,
+``P`` (``P_l``) the prunable parameters of the model (of layer ``l``), ``c_kv`` and ``c_ch = 3·hidden``
+the parameters of one KV group and one MLP channel, each structure meets the budget as follows:
 
-Depth baselines (whole blocks; compare with ``SearchConfig(granularity="depth")``) use the block
-influence of ShortGPT (Men et al., 2024), ``1 − cos(x_in, x_out)`` across a block
-(:func:`~pg_pruning_plugin.scoring.metrics.block_influence`): :func:`block_influence_masks` removes given
-numbers of attention and MLP blocks with the lowest influence; :func:`layer_influence_masks` removes whole
-decoder layers (ShortGPT itself).
+* ``global`` (``random``, ``magnitude``, ``taylor``, ``wanda-sp-global``, ``flap``: FLAP's adaptive
+  structure with one ranking per unit type): the count rule's ``removed_count(n_kv, s)`` KV groups of
+  lowest score over all layers, then the number of MLP channels over all layers that brings the removed
+  parameters nearest to ``s·P``; every layer keeps its best KV group and channel. ``|removed − s·P| ≤
+  c_ch / 2``. When all KV groups cost the same (every supported family) this removes the same fraction
+  of KV groups and of channels whenever ``s·n_kv`` is an integer (SmolLM2 at 20/30/50 %: exactly ``s``
+  of each, and of ``P``).
+* ``per-layer`` (``wanda-sp``): in every layer ``removed_count(n_kv_l, s)`` KV groups and the number
+  of channels that brings the layer's removed parameters nearest to ``s·P_l``: ``|removed_l − s·P_l| ≤
+  c_ch / 2`` in every layer (SmolLM2, 3 KV groups per layer: none removed at 20 and 30 %, one at 50 %;
+  the channels make up the rest).
+* ``AL-AM`` (``flap-joint``, FLAP's default): one ranking of the KV groups and channels of all layers;
+  units are kept best first while they fit into ``(1 − s)·P`` (one that does not fit is skipped and
+  cheaper units further down fill the rest), every layer keeping its best unit of each type:
+  ``s·P ≤ removed < s·P + c_ch``.
+* ``layers`` (``shortgpt``): the ``round(s·L)`` decoder layers (halves up) of lowest block influence,
+  whole: exact when ``s·L`` is an integer (SmolLM2's 30 layers at 20/30/50 %), else within half a layer.
+* ``per-layer-units`` (``wanda-sp-units``, the authors' init mask): ``removed_count(n, s)`` KV groups
+  and channels in every layer. It is *not* parameter-matched: where a layer's few KV groups round down
+  it removes less (SmolLM2 at 30 %: no KV group and 460 of 1,536 channels, 22.46 % of ``P``). It is not
+  in :data:`PARAM_MATCHED`.
+
+Depth masks for a given number of blocks (compare with ``SearchConfig(granularity="depth")``):
+:func:`block_influence_masks` removes the attention and MLP blocks of lowest influence,
+:func:`layer_influence_masks` whole decoder layers (ShortGPT itself).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,107 +70,175 @@ from tqdm.auto import tqdm
 
 from ..core.architectures import SearchSpace, decoder_layers, projections
 from ..core.modeling import eval_mode, model_device, next_token_losses
-from ..core.selection import kept_count, top_k_mask
+from ..core.removal import kept_space
+from ..core.selection import removed_count, top_k_mask
 from ..core.units import UnitValues
-from .metrics import BlockInfluence, InputStats, compute_metric, unit_weight_sums, weighted_input_variance
+from .metrics import (
+    BlockInfluence,
+    InputStats,
+    block_influence,
+    compute_metric,
+    unit_weight_sums,
+    weighted_input_variance,
+)
 
 __all__ = [
     "BASELINES",
     "DATA_DRIVEN",
+    "PARAM_MATCHED",
     "STRUCTURES",
     "Baseline",
     "FlapStatistics",
-    "apply_biases",
     "baseline_masks",
     "block_influence_masks",
-    "layer_influence_masks",
-    "flap_biases",
     "flap_scores",
     "flap_statistics",
+    "layer_influence_masks",
+    "per_layer_removed",
+    "removed_fraction",
     "select_joint",
+    "select_layers",
     "select_units",
     "taylor_scores",
 ]
 
-logger = logging.getLogger(__name__)
-
-BASELINES = ("random", "magnitude", "wanda-sp", "flap", "flap-joint", "taylor")
-DATA_DRIVEN = ("wanda-sp", "flap", "flap-joint", "taylor")
-STRUCTURES = ("uniform", "global")
-DEFAULT_STRUCTURE = {"random": "global", "magnitude": "global", "wanda-sp": "uniform", "flap": "global",
-                     "taylor": "global"}
-
-# Config switches that give o_proj/down_proj a bias in the stock modeling code (all projections then
-# have one), so a compensated checkpoint saves and loads with save_pruned/load_pruned/from_pretrained.
-_BIAS_SWITCHES = {"llama": ("attention_bias", "mlp_bias")}
+STRUCTURES = {
+    "random": "global",
+    "magnitude": "global",
+    "taylor": "global",
+    "wanda-sp": "per-layer",
+    "wanda-sp-global": "global",
+    "flap": "global",
+    "flap-joint": "AL-AM",
+    "shortgpt": "layers",
+    "wanda-sp-units": "per-layer-units",
+}
+BASELINES = tuple(STRUCTURES)
+PARAM_MATCHED = tuple(m for m in BASELINES if STRUCTURES[m] != "per-layer-units")
+DATA_DRIVEN = ("taylor", "wanda-sp", "wanda-sp-global", "flap", "flap-joint", "shortgpt", "wanda-sp-units")
 
 
 @dataclass
 class Baseline:
-    """A baseline's selection: 0/1 ``masks``, the ranking ``scores`` behind them, and for FLAP the
-    per-layer ``(o_proj, down_proj)`` bias compensation (``[hidden]`` each) to add after pruning."""
+    """A baseline's selection: 0/1 ``masks``, the ranking ``scores`` behind them (for ``shortgpt`` the
+    layer influence in both block fields), the fraction of the prunable parameters the masks remove, and
+    whether the ratio-independent statistics came from the caller's ``cache``."""
 
     method: str
     masks: UnitValues
     scores: UnitValues
     structure: str
-    biases: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    removed_fraction: float
+    reused_statistics: bool = False
+
+
+def removed_fraction(space: SearchSpace, masks: UnitValues) -> float:
+    """The fraction of ``space``'s prunable parameters that ``masks`` remove (removed blocks included)."""
+    return 1.0 - kept_space(space, masks).prunable_parameters() / space.prunable_parameters()
 
 
 # ------------------------------------------------------------------------------------------- selection
 
+def _nearest_channels(params: float, per_channel: int) -> int:
+    """The number of channels whose parameters are nearest to ``params`` (halves up, at least 0)."""
+    return max(0, math.floor(params / per_channel + 0.5))
+
+
+def per_layer_removed(space: SearchSpace, sparsity: float) -> list[tuple[int, int]]:
+    """``(KV groups, MLP channels)`` the ``per-layer`` structure removes in every layer (module docstring)."""
+    out, c_ch = [], space.params_per_mlp_unit()
+    for i, shape in enumerate(space.layers):
+        kv = removed_count(shape.num_kv_groups, sparsity)
+        layer_params = shape.num_kv_groups * space.params_per_attn_unit(i) + shape.intermediate_size * c_ch
+        channels = _nearest_channels(sparsity * layer_params - kv * space.params_per_attn_unit(i), c_ch)
+        if channels >= shape.intermediate_size:
+            raise ValueError(f"removing {sparsity:.0%} of layer {i}'s prunable parameters takes all of its "
+                             f"{shape.intermediate_size} MLP channels; lower the sparsity")
+        out.append((kv, channels))
+    return out
+
+
+def _top_per_layer(s: torch.Tensor, offsets: Sequence[int], removed: Sequence[int]) -> torch.Tensor:
+    """0/1 mask keeping, in layer ``l``, all but the ``removed[l]`` lowest scores."""
+    mask = torch.zeros(s.numel())
+    for (a, b), gone in zip(zip(offsets[:-1], offsets[1:]), removed):
+        mask[a + torch.topk(s[a:b], b - a - gone).indices] = 1.0
+    return mask
+
+
+def _top_global(s: torch.Tensor, offsets: list[int], removed: int, name: str) -> torch.Tensor:
+    """0/1 mask removing the ``removed`` lowest scores over all layers, each layer keeping its best unit."""
+    n, layers = offsets[-1], len(offsets) - 1
+    if n - removed < layers:
+        raise ValueError(f"removing {removed} of {n} {name} leaves fewer than one per layer ({layers} layers); "
+                         f"lower the sparsity")
+    # the count rule turns the ratio removed/n back into exactly `removed` units (float error forgiven)
+    return top_k_mask(s, 1.0 - removed / n, offsets, global_pool=True)
+
+
+def select_units(scores: UnitValues, space: SearchSpace, sparsity: float, structure: str) -> UnitValues:
+    """0/1 masks of ``scores`` removing ``sparsity`` of the prunable parameters under ``structure``
+    (``global``, ``per-layer`` or ``per-layer-units``; the rules are in the module docstring)."""
+    if structure == "per-layer":
+        counts = per_layer_removed(space, sparsity)
+        return UnitValues(_top_per_layer(scores.attn, space.attn_offsets, [kv for kv, _ in counts]),
+                          _top_per_layer(scores.mlp, space.mlp_offsets, [ch for _, ch in counts]))
+    if structure == "per-layer-units":
+        return UnitValues(*(top_k_mask(getattr(scores, kind), 1.0 - sparsity, offsets, global_pool=False)
+                            for kind, offsets in (("attn", space.attn_offsets), ("mlp", space.mlp_offsets))))
+    if structure != "global":
+        raise ValueError(f"unknown structure {structure!r}; choose global, per-layer or per-layer-units")
+    attn = _top_global(scores.attn, space.attn_offsets, removed_count(space.num_attn_units, sparsity), "KV groups")
+    removed_attn = sum(space.params_per_attn_unit(i) * (shape.num_kv_groups - int(attn[space.attn_slice(i)].sum()))
+                       for i, shape in enumerate(space.layers))
+    channels = _nearest_channels(sparsity * space.prunable_parameters() - removed_attn, space.params_per_mlp_unit())
+    return UnitValues(attn, _top_global(scores.mlp, space.mlp_offsets, channels, "MLP channels"))
+
+
 def _reserve_best(s: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
-    """``s`` with each layer's best unit raised to +inf (it survives any global cut)."""
+    """``s`` with each layer's best unit raised to +inf (it is kept first)."""
     s = s.double().clone()
     for a, b in zip(offsets[:-1], offsets[1:]):
         s[a + int(torch.argmax(s[a:b]))] = float("inf")
     return s
 
 
-def select_units(scores: UnitValues, space: SearchSpace, attn_keep: float, mlp_keep: float,
-                 structure: str) -> UnitValues:
-    """0/1 masks keeping the highest scores per type: per layer (``uniform``) or over all layers
-    (``global``: exactly ``n − int(n·(1−keep))`` units, at least one per layer)."""
-    if structure not in STRUCTURES:
-        raise ValueError(f"unknown structure {structure!r}; choose one of {', '.join(STRUCTURES)}")
-    glob = structure == "global"
-
-    def one(s: torch.Tensor, keep: float, offsets: list[int]) -> torch.Tensor:
-        n, layers = offsets[-1], len(offsets) - 1
-        if glob and kept_count(n, keep) < layers:
-            raise ValueError(f"keeping {keep:.0%} of {n} units leaves fewer than one per layer ({layers} layers)")
-        return top_k_mask(s, keep, offsets, global_pool=glob)
-
-    return UnitValues(one(scores.attn, attn_keep, space.attn_offsets), one(scores.mlp, mlp_keep, space.mlp_offsets))
-
-
-def select_joint(scores: UnitValues, space: SearchSpace, keep: float) -> UnitValues:
-    """FLAP's ``AL-AM`` cut: one ranking over KV groups and channels of all layers, keeping the prefix
-    whose parameter count is closest to ``keep`` of the prunable parameters (≥ 1 unit per layer and type)."""
-    attn_w = torch.cat([torch.full((s.num_kv_groups,), float(space.params_per_attn_unit(i)), dtype=torch.float64)
-                        for i, s in enumerate(space.layers)])
-    mlp_w = torch.full((space.num_mlp_units,), float(space.params_per_mlp_unit()), dtype=torch.float64)
+def select_joint(scores: UnitValues, space: SearchSpace, sparsity: float) -> UnitValues:
+    """FLAP's ``AL-AM`` cut: one ranking over the KV groups and channels of all layers, kept best first
+    while they fit into ``(1 − sparsity)`` of the prunable parameters (a unit that does not fit is
+    skipped); every layer keeps its best unit of each type."""
+    attn_cost = [space.params_per_attn_unit(i) for i, s in enumerate(space.layers) for _ in range(s.num_kv_groups)]
+    costs = attn_cost + [space.params_per_mlp_unit()] * space.num_mlp_units
+    budget = (1.0 - sparsity) * space.prunable_parameters()
     values = torch.cat([_reserve_best(scores.attn, space.attn_offsets), _reserve_best(scores.mlp, space.mlp_offsets)])
-    weights = torch.cat([attn_w, mlp_w])
-    order = torch.argsort(values, descending=True, stable=True)
-    cumulative = torch.cumsum(weights[order], 0)
-    count = int(torch.argmin((cumulative - keep * weights.sum()).abs())) + 1
-    count = max(count, 2 * space.num_layers)  # the reserved units
-    keep_mask = torch.zeros(values.numel())
-    keep_mask[order[:count]] = 1.0
-    return UnitValues(keep_mask[:space.num_attn_units], keep_mask[space.num_attn_units:])
+    reserved = int(torch.isinf(values).sum())
+    keep = torch.zeros(values.numel())
+    kept = 0
+    for rank, i in enumerate(torch.argsort(values, descending=True, stable=True).tolist()):
+        if rank < reserved or kept + costs[i] <= budget:
+            keep[i] = 1.0
+            kept += costs[i]
+    if kept > budget:
+        raise ValueError(f"removing {sparsity:.0%} of the prunable parameters leaves less than one KV group and one "
+                         f"MLP channel per layer; lower the sparsity")
+    return UnitValues(keep[:space.num_attn_units], keep[space.num_attn_units:])
+
+
+def select_layers(influence: BlockInfluence, space: SearchSpace, sparsity: float) -> UnitValues:
+    """ShortGPT at a parameter budget: the ``round(sparsity · L)`` whole layers (halves up, at most
+    ``L − 1``) of lowest influence."""
+    return layer_influence_masks(influence, space, min(space.num_layers - 1,
+                                                       math.floor(sparsity * space.num_layers + 0.5)))
 
 
 # ------------------------------------------------------------------------------------------------ FLAP
 
 @dataclass
 class FlapStatistics:
-    """Per layer: FLAP's channel metric and mean input of o_proj (``[n_q·d]``) and down_proj (``[I]``)."""
+    """Per layer: FLAP's channel metric of o_proj (``[n_q·d]``) and down_proj (``[I]``) inputs."""
 
     attn_metric: list[torch.Tensor]
     mlp_metric: list[torch.Tensor]
-    o_mean: list[torch.Tensor]
-    down_mean: list[torch.Tensor]
 
 
 @torch.no_grad()
@@ -166,8 +250,7 @@ def flap_statistics(model: nn.Module, batches: Sequence[torch.Tensor], progress:
     """
     if not batches:
         raise ValueError("FLAP needs calibration batches")
-    space = SearchSpace.from_model(model)
-    spec = space.spec
+    spec = SearchSpace.from_model(model).spec
     outputs = [(getattr(getattr(layer, spec.attention), spec.o), getattr(getattr(layer, spec.mlp), spec.down))
                for layer in decoder_layers(model)]
     stats = [(InputStats(o), InputStats(d)) for o, d in outputs]
@@ -183,8 +266,6 @@ def flap_statistics(model: nn.Module, batches: Sequence[torch.Tensor], progress:
     return FlapStatistics(
         attn_metric=[weighted_input_variance(so, o.weight) ** 2 for (so, _), (o, _) in zip(stats, outputs)],
         mlp_metric=[weighted_input_variance(sd, d.weight) for (_, sd), (_, d) in zip(stats, outputs)],
-        o_mean=[so.sum / max(so.tokens, 1) for so, _ in stats],
-        down_mean=[sd.sum / max(sd.tokens, 1) for _, sd in stats],
     )
 
 
@@ -198,63 +279,6 @@ def flap_scores(stats: FlapStatistics, space: SearchSpace) -> UnitValues:
     attn = [_standardise(m).view(s.num_kv_groups, -1).mean(1) for m, s in zip(stats.attn_metric, space.layers)]
     mlp = [_standardise(m) for m in stats.mlp_metric]
     return UnitValues(torch.cat(attn).float(), torch.cat(mlp).float())
-
-
-def flap_biases(model: nn.Module, stats: FlapStatistics, masks: UnitValues) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """FLAP's bias compensation from the *dense* ``model``: per layer ``W_o[:, removed] @ E[x][removed]``
-    for o_proj and the same for down_proj (``[hidden]`` each, float32)."""
-    space = SearchSpace.from_model(model)
-    spec = space.spec
-    out = []
-    for i, layer in enumerate(decoder_layers(model)):
-        shape = space.layers[i]
-        o = getattr(getattr(layer, spec.attention), spec.o).weight.detach().double().cpu()
-        down = getattr(getattr(layer, spec.mlp), spec.down).weight.detach().double().cpu()
-        removed_o = (1 - masks.attn[space.attn_slice(i)]).double().repeat_interleave(
-            shape.queries_per_group * shape.head_dim)
-        removed_mlp = (1 - masks.mlp[space.mlp_slice(i)]).double()
-        out.append(((o @ (stats.o_mean[i] * removed_o)).float(), (down @ (stats.down_mean[i] * removed_mlp)).float()))
-    return out
-
-
-def _add_bias(linear: nn.Linear, value: torch.Tensor) -> None:
-    value = value.to(linear.weight.device, linear.weight.dtype)
-    if linear.bias is None:
-        linear.bias = nn.Parameter(value.clone(), requires_grad=linear.weight.requires_grad)
-    else:
-        linear.bias.data += value
-
-
-def apply_biases(model: nn.Module, biases: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add the compensation biases to every layer's o_proj and down_proj, in place.
-
-    Works on the dense (masked) and on the pruned model alike: the biases live on the hidden size.
-    For Llama the config is switched to ``attention_bias``/``mlp_bias`` and the other projections get
-    zero biases, so ``core.checkpoint.save_pruned`` / ``load_pruned`` (and stock ``from_pretrained`` for
-    uniform widths) round-trip the model. Other architectures hard-code bias-free projections: the
-    compensated model is correct in memory, but a saved checkpoint would lose the biases (a warning says so).
-    """
-    space = SearchSpace.from_model(model)
-    spec = space.spec
-    layers = decoder_layers(model)
-    if len(biases) != len(layers):
-        raise ValueError(f"{len(biases)} bias pairs for {len(layers)} layers")
-    switches = _BIAS_SWITCHES.get(space.model_type)
-    for layer, (b_o, b_down) in zip(layers, biases):
-        attn, mlp = getattr(layer, spec.attention), getattr(layer, spec.mlp)
-        _add_bias(getattr(attn, spec.o), b_o)
-        _add_bias(getattr(mlp, spec.down), b_down)
-        if switches:
-            for parent, name in ((attn, spec.q), (attn, spec.k), (attn, spec.v), (mlp, spec.gate), (mlp, spec.up)):
-                lin = getattr(parent, name)
-                _add_bias(lin, torch.zeros(lin.out_features))
-    config = model.config.get_text_config()
-    if switches:
-        for key in switches:
-            setattr(config, key, True)
-    else:
-        logger.warning("%s projections have no bias in the stock modeling code: the FLAP compensation is "
-                       "in memory only and would be lost by save_pruned", space.model_type)
 
 
 # ---------------------------------------------------------------------------------------------- Taylor
@@ -301,79 +325,86 @@ def _first_order_saliency(linear: nn.Linear) -> torch.Tensor:
 
 # -------------------------------------------------------------------------------------------- front end
 
-def _budget(sparsity: float, attn_sparsity: float | None, mlp_sparsity: float | None) -> tuple[float, float]:
-    keeps = []
-    for name, value in (("attn_sparsity", attn_sparsity if attn_sparsity is not None else sparsity),
-                        ("mlp_sparsity", mlp_sparsity if mlp_sparsity is not None else sparsity)):
-        if not 0.0 < value < 1.0:
-            raise ValueError(f"{name}={value} must be in (0, 1): the fraction of units removed")
-        keeps.append(1.0 - value)
-    return keeps[0], keeps[1]
+def _statistics_key(method: str, sparsity: float) -> str | None:
+    """The ``cache`` key of what ``method`` computes before selecting (None: nothing worth keeping)."""
+    if method.startswith("wanda-sp"):  # propagated through earlier layers pruned at this sparsity
+        return f"{'wanda-sp-units' if method == 'wanda-sp-units' else 'wanda-sp'}@{sparsity}"
+    return {"magnitude": "magnitude", "taylor": "taylor", "flap": "flap", "flap-joint": "flap",
+            "shortgpt": "block-influence"}.get(method)
+
+
+def _statistics(model: nn.Module, space: SearchSpace, method: str, batches: Sequence[torch.Tensor], sparsity: float,
+                progress: bool):
+    """Magnitudes, Taylor scores, FLAP statistics, block influence or Wanda-sp scores (see :func:`_statistics_key`).
+
+    Wanda-sp measures each layer with the earlier ones pruned by its per-layer rule: the authors' unit
+    count for ``wanda-sp-units``, the per-layer parameter rule otherwise (one MLP keep ratio, since the
+    layers of every supported family share one shape).
+    """
+    if method == "magnitude":
+        return compute_metric(model, space, "magnitude")
+    if method == "taylor":
+        return taylor_scores(model, batches, progress)
+    if method.startswith("flap"):
+        return flap_statistics(model, batches, progress)
+    if method == "shortgpt":
+        return block_influence(model, space, batches, progress)
+    mlp_keep = None
+    if method != "wanda-sp-units":
+        mlp_keep = 1.0 - sum(ch for _, ch in per_layer_removed(space, sparsity)) / space.num_mlp_units
+    return compute_metric(model, space, "wanda-sp", batches, keep_ratio=1.0 - sparsity, mlp_keep_ratio=mlp_keep,
+                          progress=progress)
 
 
 def baseline_masks(
     model: nn.Module,
     method: str,
     sparsity: float = 0.3,
-    attn_sparsity: float | None = None,
-    mlp_sparsity: float | None = None,
     batches: Sequence[torch.Tensor] = (),
     seed: int = 42,
-    structure: str | None = None,
     cache: dict | None = None,
     progress: bool = True,
 ) -> Baseline:
-    """Select the units ``method`` (one of :data:`BASELINES`) keeps at the given budget.
+    """Select the units ``method`` (one of :data:`BASELINES`) removes at ``sparsity``, the fraction of the
+    prunable parameters (the module docstring says how each method meets it).
 
     ``batches`` (``[B, T]`` token ids) are the calibration data of the data-driven methods
-    (:data:`DATA_DRIVEN`). ``structure`` overrides the default selection (``uniform`` for wanda-sp,
-    ``global`` otherwise; ``flap-joint`` has its own). ``cache``: pass one dict to several calls on
-    the same model and batches to reuse the ratio-independent statistics (FLAP, Taylor, magnitude).
-    The model is not modified; prune with ``core.removal.prune_model(model, result.masks)`` and, for
-    FLAP, then ``apply_biases(model, result.biases)``.
+    (:data:`DATA_DRIVEN`); ``seed`` seeds ``random``. ``cache``: pass one dict to several calls on the
+    same model and batches to reuse the statistics (magnitudes, Taylor gradients, FLAP statistics and
+    block influence once; Wanda-sp once per sparsity, shared by ``wanda-sp`` and ``wanda-sp-global``).
+    The model is not modified; prune with ``core.removal.prune_model(model, result.masks)``, after
+    ``refit`` if the surviving weights are to be repaired.
     """
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {', '.join(BASELINES)}")
-    attn_keep, mlp_keep = _budget(sparsity, attn_sparsity, mlp_sparsity)
+    if not 0.0 < sparsity < 1.0:
+        raise ValueError(f"sparsity={sparsity} must be in (0, 1): the fraction of the prunable parameters removed")
     if method in DATA_DRIVEN and not batches:
         raise ValueError(f"the {method} baseline needs calibration batches")
-    if method == "flap-joint" and abs(attn_keep - mlp_keep) > 1e-9:
-        raise ValueError("flap-joint ranks both unit types together: give one sparsity, not separate ones")
-    if structure is not None and method == "flap-joint":
-        raise ValueError("flap-joint has its own structure (FLAP's AL-AM); do not pass structure")
-    structure = structure or DEFAULT_STRUCTURE.get(method, "global")
+    structure = STRUCTURES[method]
     space = SearchSpace.from_model(model)
     cache = {} if cache is None else cache
-
-    def cached(key: str, compute: Callable[[], object]):
-        if key not in cache:
-            cache[key] = compute()
-        return cache[key]
-
-    biases = None
+    key = _statistics_key(method, sparsity)
+    reused = key is not None and key in cache
+    if key is not None and not reused:
+        cache[key] = _statistics(model, space, method, batches, sparsity, progress)
+    statistics = cache.get(key)
     if method == "random":
         scores = compute_metric(model, space, "random", seed=seed)
-    elif method == "magnitude":
-        scores = cached("magnitude", lambda: compute_metric(model, space, "magnitude"))
-    elif method == "wanda-sp":  # propagation under the per-layer mask depends on the ratio: not cached
-        if abs(attn_keep - mlp_keep) > 1e-9:
-            logger.warning("wanda-sp propagates through earlier layers pruned at one ratio; using %.3f",
-                           min(attn_keep, mlp_keep))
-        scores = compute_metric(model, space, "wanda-sp", batches, keep_ratio=min(attn_keep, mlp_keep),
-                                progress=progress)
-    elif method == "taylor":
-        scores = cached("taylor", lambda: taylor_scores(model, batches, progress))
+    elif method.startswith("flap"):
+        scores = flap_scores(statistics, space)
+    elif method == "shortgpt":
+        scores = UnitValues(torch.ones(space.num_attn_units), torch.ones(space.num_mlp_units),
+                            statistics.layer.clone(), statistics.layer.clone())
     else:
-        stats = cached("flap", lambda: flap_statistics(model, batches, progress))
-        scores = flap_scores(stats, space)
-    if method == "flap-joint":
-        structure = "AL-AM"
-        masks = select_joint(scores, space, attn_keep)
+        scores = statistics
+    if structure == "AL-AM":
+        masks = select_joint(scores, space, sparsity)
+    elif structure == "layers":
+        masks = select_layers(statistics, space, sparsity)
     else:
-        masks = select_units(scores, space, attn_keep, mlp_keep, structure)
-    if method.startswith("flap"):
-        biases = flap_biases(model, cache["flap"], masks)
-    return Baseline(method, masks, scores, structure, biases)
+        masks = select_units(scores, space, sparsity, structure)
+    return Baseline(method, masks, scores, structure, removed_fraction(space, masks), reused)
 
 
 # ------------------------------------------------------------------------------------------------ depth

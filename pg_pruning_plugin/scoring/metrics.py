@@ -138,11 +138,13 @@ def compute_metric(
     keep_ratio: float = 1.0,
     seed: int = 0,
     progress: bool = True,
+    mlp_keep_ratio: float | None = None,
 ) -> UnitValues:
     """Per-unit importance of ``method`` (one of :data:`METRICS`).
 
     Activation metrics need calibration ``batches`` (``[B, T]`` token ids) and use ``keep_ratio``
-    for the per-layer init mask applied to earlier layers while later layers are measured.
+    for the per-layer init mask applied to earlier layers while later layers are measured;
+    ``mlp_keep_ratio`` (default ``keep_ratio``) is the MLP channels' share in that mask.
     """
     if method not in METRICS:
         raise ValueError(f"unknown init metric {method!r}; choose one of {', '.join(METRICS)}")
@@ -157,11 +159,12 @@ def compute_metric(
         raise ValueError(f"the {method} metric needs calibration batches")
 
     with eval_mode(model):
-        return _layerwise_metric(model, space, method, batches, keep_ratio, progress)
+        return _layerwise_metric(model, space, method, batches, keep_ratio,
+                                 keep_ratio if mlp_keep_ratio is None else mlp_keep_ratio, progress)
 
 
 def _layerwise_metric(model: nn.Module, space: SearchSpace, method: str, batches: Sequence[torch.Tensor],
-                      keep_ratio: float, progress: bool) -> UnitValues:
+                      keep_ratio: float, mlp_keep_ratio: float, progress: bool) -> UnitValues:
     """An activation metric measured layer by layer, each layer seeing the earlier ones under their init mask."""
     spec = space.spec
     hidden, layer_kwargs = _capture_layer_inputs(model, batches)
@@ -187,7 +190,7 @@ def _layerwise_metric(model: nn.Module, space: SearchSpace, method: str, batches
         # Propagate through this layer with its per-layer uniform init mask (a one-layer search space).
         layer_masks = UnitValues(
             top_k_mask(attn, keep_ratio, [0, attn.numel()], global_pool=False),
-            top_k_mask(mlp, keep_ratio, [0, mlp.numel()], global_pool=False),
+            top_k_mask(mlp, mlp_keep_ratio, [0, mlp.numel()], global_pool=False),
         )
         one_layer = _single_layer_space(space, i)
         with masked(_LayerAsModel(layer), one_layer, layer_masks):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import depth_budget
@@ -71,15 +72,74 @@ def test_llmcompressor_quant(model_dir, tmp_path):
 
 def test_quality_report_renders_a_compare_run(model_dir, tmp_path):
     results = tmp_path / "q.json"
-    assert pg_prune(["compare", "--model", str(model_dir), "--ratios", "0.5", "--methods", "random", "pg-constant",
-                     "--calib-blocks", "4", "--batch-size", "2", "--steps", "2", "--ppl128-windows", "2",
-                     "--ppl2048-windows", "1", "--limit", "0", "--results", str(results)]) == 0
+    assert pg_prune(["compare", "--model", str(model_dir), "--ratios", "0.5", "--methods", "random", "shortgpt",
+                     "search", "--refit", "none", "lstsq", "--calib-blocks", "40", "--calib-seq-len", "32",
+                     "--batch-size", "4", "--steps", "2", "--ppl128-windows", "2", "--ppl2048-windows", "1",
+                     "--limit", "0", "--results", str(results)]) == 0
+    rows = json.loads(results.read_text())["rows"]
+    assert all(math.isfinite(r["ppl2048"]) for r in rows)
     notes = tmp_path / "notes.md"
     notes.write_text("Read by hand.")
     quality_report.main([str(results), "--out", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png"),
                          "--notes", str(notes)])
     report = (tmp_path / "q.md").read_text()
-    assert "PG search, constant init" in report and "skipped in this run" in report and "Read by hand." in report
+    assert "| ShortGPT, whole layers | lstsq |" in report and "PG search, authors configuration" in report
+    assert "skipped in this run" in report and "Read by hand." in report
+    assert (tmp_path / "q.png").stat().st_size > 0
+
+
+def _synthetic_state() -> dict:
+    """A compare record: dense, two ratios of three baselines and one search configuration × three refits,
+    zero-shot for dense, the best baseline and the search."""
+    def evaluated(ppl: float, removed: float) -> dict:
+        return {"ppl128": ppl, "ppl2048": 0.8 * ppl, "params": 1000, "prunable_params": int(800 * (1 - removed)),
+                "kv_groups": 60, "mlp_channels": 30000, "layers": 30, "prunable_removed": removed}
+
+    def zero_shot(acc: float) -> dict:
+        return {"tasks": {"boolq": {"acc": acc, "acc_stderr": 0.035}, "piqa": {"acc": acc + 0.1, "acc_stderr": 0.03}},
+                "mean": acc + 0.05, "mean_stderr": 0.023, "limit": 200}
+
+    rows = [{"method": "dense", "ratio": 0.0, "refit": "none", "structure": "-", **evaluated(17.7, 0.0),
+             "zero_shot": zero_shot(0.6)}]
+    for ratio, scale in ((0.3, 1.0), (0.5, 8.0)):
+        for method, base in (("random", 900.0), ("flap", 60.0), ("shortgpt", 300.0), ("pg-default", 50.0)):
+            for refit, factor in (("none", 1.0), ("bias", 0.9), ("lstsq", 0.7)):
+                row = {"method": method, "ratio": ratio, "refit": refit, "structure": "global",
+                       "selection_seconds": 12.0, "selection_peak_mib": 300.0, "refit_seconds": 30.0,
+                       "refit_peak_mib": 120.0, "reused_statistics": method == "flap" and ratio == 0.5,
+                       **evaluated(base * scale * factor, ratio)}
+                if method.startswith("pg-"):
+                    row |= {"structure": "search", "first_loss": 4.1, "last_loss": 3.2}
+                if refit == "lstsq" and method in ("flap", "pg-default"):
+                    row["zero_shot"] = zero_shot(0.5 if method == "flap" else 0.52)
+                rows.append(row)
+    return {"settings": {"model": "smollm2-135m", "calib_text": "wiki-vital", "calib_blocks": 128, "calib_seq_len": 128,
+                         "batch_size": 8, "seed": 42, "damping": 0.01, "eval_text": "wiki-vital", "ppl128_windows": 64,
+                         "ppl2048_windows": 2, "limit": 200, "dtype": "float32", "tasks": ["boolq", "piqa"],
+                         "steps": {}},
+            "eval": {"ppl128_windows": 64, "ppl2048_windows": 2, "calib_tokens": 16384}, "rows": rows,
+            "commands": ["pg-prune compare --results q.json"], "wall_seconds": 600.0,
+            "machine": {"cpu": "test CPU", "cores": 2, "torch_threads": 2, "load_average": 0.1,
+                        "versions": {"torch": "2.x"}}}
+
+
+def test_quality_report_renders_every_section_from_a_synthetic_record(tmp_path):
+    record = tmp_path / "q.json"
+    record.write_text(json.dumps(_synthetic_state()))
+    quality_report.main([str(record), "--out", str(tmp_path / "q.md"), "--plot", str(tmp_path / "q.png")])
+    report = (tmp_path / "q.md").read_text()
+    sections = ["## Dense model", "## 30% of the prunable parameters removed", "## 50% of the prunable parameters "
+                "removed", "## Best refit per method", "## Does the search beat", "![PPL@128", "## Zero-shot accuracy"]
+    assert [report.index(s) for s in sections] == sorted(report.index(s) for s in sections)
+    assert "16,384 tokens" in report and "seed 42" in report and "used exactly these blocks" in report
+    flap = "| FLAP, per-type adaptive |"
+    assert f"{flap} lstsq | 42.00 | 33.60 | 30.00% | 60 | 30000 | 30 | 12 | 30 | 300 / 120 |" in report
+    assert f"{flap} 42.00 (lstsq; none 60.00) | 336.00 (lstsq; none 480.00) |" in report
+    assert "12*" in report  # statistics reused at 50 %
+    assert ("- 30%, PPL@128: the best search row (PG search, default configuration, refit lstsq, 35.00) beats the "
+            "best baseline (FLAP, per-type adaptive, refit lstsq, 42.00)") in report
+    assert f"| 30% | best-baseline {flap} lstsq | 0.500 ± 0.035 | 0.600 ± 0.030 | 0.5500 ± 0.0230 |" in report
+    assert "| 0% | dense | dense | none |" in report and "0.6500 ± 0.0230" in report
     assert (tmp_path / "q.png").stat().st_size > 0
 
 

@@ -1,25 +1,28 @@
-"""Baselines on tiny random-weight models: budgets, exact metric definitions, FLAP compensation."""
+"""Baselines on tiny random-weight models: the parameter budget of every method, exact metric definitions."""
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torch_pruning as tp
 
-from pg_pruning_plugin import SearchSpace, UnitMasks, compute_metric, load_pruned, masked, prune_model, save_pruned
+from pg_pruning_plugin import SearchSpace, compute_metric
 from pg_pruning_plugin.compat.torch_pruning import dependency_graph
-from pg_pruning_plugin.core.architectures import decoder_layers
-from pg_pruning_plugin.core.selection import top_k_mask
+from pg_pruning_plugin.core.architectures import ARCHITECTURES, LayerShape, decoder_layers
+from pg_pruning_plugin.core.removal import kept_space
+from pg_pruning_plugin.core.selection import removed_count, top_k_mask
+from pg_pruning_plugin.core.units import UnitValues
 from pg_pruning_plugin.scoring.baselines import (
     BASELINES,
-    apply_biases,
+    PARAM_MATCHED,
+    STRUCTURES,
     baseline_masks,
     block_influence_masks,
-    flap_statistics,
     layer_influence_masks,
+    per_layer_removed,
+    select_joint,
+    select_layers,
     select_units,
     taylor_scores,
 )
@@ -36,21 +39,79 @@ def _kept_per_layer(mask: torch.Tensor, offsets: list[int]) -> list[int]:
     return [int(mask[a:b].sum()) for a, b in zip(offsets[:-1], offsets[1:])]
 
 
+def _layer_removed(space: SearchSpace, masks: UnitValues, i: int) -> int:
+    """Prunable parameters ``masks`` remove from layer ``i``."""
+    layer = space.with_layers([space.layers[i]])
+    one = UnitValues(masks.attn[space.attn_slice(i)], masks.mlp[space.mlp_slice(i)])
+    return layer.prunable_parameters() - kept_space(layer, one).prunable_parameters()
+
+
+def check_budget(space: SearchSpace, structure: str, masks: UnitValues, sparsity: float) -> float:
+    """Assert the parameter budget of ``structure`` (the tolerances of scoring/baselines.py); returns the
+    removed fraction of the prunable parameters."""
+    total = space.prunable_parameters()
+    removed = total - kept_space(space, masks).prunable_parameters()
+    c_ch = space.params_per_mlp_unit()
+    target = sparsity * total
+    if structure == "global":
+        assert abs(removed - target) <= c_ch / 2 + 1e-6
+        assert int(masks.attn.sum()) == space.num_attn_units - removed_count(space.num_attn_units, sparsity)
+    elif structure == "per-layer":
+        for i, shape in enumerate(space.layers):
+            layer_target = sparsity * space.with_layers([shape]).prunable_parameters()
+            assert abs(_layer_removed(space, masks, i) - layer_target) <= c_ch / 2 + 1e-6
+            kept_kv = int(masks.attn[space.attn_slice(i)].sum())
+            assert kept_kv == shape.num_kv_groups - removed_count(shape.num_kv_groups, sparsity)
+    elif structure == "AL-AM":
+        assert -1e-6 <= removed - target < c_ch
+    elif structure == "layers":
+        assert masks.has_blocks and torch.equal(masks.attn_blocks, masks.mlp_blocks)
+        assert abs(removed - target) <= total / space.num_layers / 2 + 1e-6
+    if not masks.has_blocks:
+        assert min(_kept_per_layer(masks.attn, space.attn_offsets)) >= 1
+        assert min(_kept_per_layer(masks.mlp, space.mlp_offsets)) >= 1
+    return removed / total
+
+
 @pytest.mark.parametrize("kv_heads", [2, 8])
-@pytest.mark.parametrize("sparsity", [0.3, 0.6])
-def test_global_baselines_meet_the_budget_exactly(kv_heads, sparsity):
+@pytest.mark.parametrize("sparsity", [0.2, 0.3, 0.5])
+def test_every_parameter_matched_baseline_meets_the_budget(kv_heads, sparsity):
     model = tiny_model(num_key_value_heads=kv_heads)
     space = SearchSpace.from_model(model)
     cache: dict = {}
-    for method in ("random", "magnitude", "flap", "taylor"):
+    for method in PARAM_MATCHED:
         r = baseline_masks(model, method, sparsity, batches=_batches(), cache=cache, progress=False)
-        assert r.structure == "global"
-        for mask, offsets in ((r.masks.attn, space.attn_offsets), (r.masks.mlp, space.mlp_offsets)):
-            n = offsets[-1]
+        assert r.structure == STRUCTURES[method]
+        for mask in r.masks.as_dict().values():
             assert set(mask.unique().tolist()) <= {0.0, 1.0}
-            assert int(mask.sum()) == n - int(n * sparsity), method  # the search's count
-            assert min(_kept_per_layer(mask, offsets)) >= 1, method
-    assert set(cache) == {"magnitude", "flap", "taylor"}
+        assert check_budget(space, r.structure, r.masks, sparsity) == pytest.approx(r.removed_fraction), method
+    assert set(cache) == {"magnitude", "taylor", "flap", "block-influence", f"wanda-sp@{sparsity}"}
+
+
+SMOLLM2 = SearchSpace(ARCHITECTURES["llama"], [LayerShape(3, 3, 64, 1536)] * 30, 576, "llama")
+
+
+@pytest.mark.parametrize("sparsity, per_layer", [(0.2, 0.2001953), (0.3, 0.2998047), (0.5, 0.4998372)])
+def test_achieved_fractions_on_smollm2_shapes(sparsity, per_layer):
+    """SmolLM2-135M (30 layers, 3 KV groups of 294,912 and 1,536 channels of 1,728 parameters): global and
+    layer removal exact, per layer within half a channel per layer, AL-AM within one channel."""
+    space = SMOLLM2
+    assert (space.params_per_attn_unit(0), space.params_per_mlp_unit()) == (294_912, 1_728)
+    g = torch.Generator().manual_seed(0)
+    scores = UnitValues(torch.rand(space.num_attn_units, generator=g), torch.rand(space.num_mlp_units, generator=g))
+    influence = BlockInfluence(torch.rand(30, generator=g), torch.rand(30, generator=g), torch.rand(30, generator=g))
+    masks = {"global": select_units(scores, space, sparsity, "global"),
+             "per-layer": select_units(scores, space, sparsity, "per-layer"),
+             "AL-AM": select_joint(scores, space, sparsity),
+             "layers": select_layers(influence, space, sparsity)}
+    achieved = {structure: check_budget(space, structure, m, sparsity) for structure, m in masks.items()}
+    assert achieved["global"] == pytest.approx(sparsity, abs=1e-12)
+    assert achieved["layers"] == pytest.approx(sparsity, abs=1e-12)
+    assert achieved["per-layer"] == pytest.approx(per_layer, abs=1e-7)
+    assert sparsity <= achieved["AL-AM"] < sparsity + 1_728 / space.prunable_parameters()
+    assert per_layer_removed(space, sparsity)[0] == {0.2: (0, 410), 0.3: (0, 614), 0.5: (1, 853)}[sparsity]
+    units = select_units(scores, space, 0.3, "per-layer-units")  # the authors' mask: no KV group at 30 %
+    assert check_budget(space, "per-layer-units", units, 0.3) == 460 * 1_728 / 3_538_944  # int(1536 * 0.3) = 460
 
 
 def test_random_depends_on_seed_only():
@@ -61,16 +122,28 @@ def test_random_depends_on_seed_only():
     assert torch.equal(a.mlp, b.mlp) and not torch.equal(a.mlp, c.mlp)
 
 
-def test_wanda_sp_is_the_per_layer_top_k_of_the_metric():
+def test_wanda_sp_is_the_per_layer_top_k_of_the_metric_propagated_under_its_own_mask():
     model = tiny_model()
     space = SearchSpace.from_model(model)
     batches = _batches()
-    r = baseline_masks(model, "wanda-sp", 0.5, batches=batches, progress=False)
-    metric = compute_metric(model, space, "wanda-sp", batches, keep_ratio=0.5, progress=False)
-    assert torch.equal(r.masks.attn, top_k_mask(metric.attn, 0.5, space.attn_offsets, global_pool=False))
-    assert torch.equal(r.masks.mlp, top_k_mask(metric.mlp, 0.5, space.mlp_offsets, global_pool=False))
-    assert _kept_per_layer(r.masks.attn, space.attn_offsets) == [1, 1, 1]
-    assert _kept_per_layer(r.masks.mlp, space.mlp_offsets) == [48, 48, 48]
+    cache: dict = {}
+    r = baseline_masks(model, "wanda-sp", 0.3, batches=batches, cache=cache, progress=False)
+    # per layer: int(2 * 0.3) = 0 KV groups, and 61 channels: nearest to 30 % of 38,912 parameters
+    assert per_layer_removed(space, 0.3) == [(0, 61)] * 3
+    metric = compute_metric(model, space, "wanda-sp", batches, keep_ratio=0.7, mlp_keep_ratio=1 - 61 / 96,
+                            progress=False)
+    assert torch.equal(r.scores.mlp, metric.mlp) and torch.equal(r.scores.attn, metric.attn)
+    assert _kept_per_layer(r.masks.attn, space.attn_offsets) == [2, 2, 2]
+    assert _kept_per_layer(r.masks.mlp, space.mlp_offsets) == [35, 35, 35]
+    for i in range(3):
+        sl = space.mlp_slice(i)
+        assert torch.equal(r.masks.mlp[sl], top_k_mask(metric.mlp[sl], 35 / 96, [0, 96], global_pool=False))
+    wide = baseline_masks(model, "wanda-sp-global", 0.3, batches=batches, cache=cache, progress=False)
+    assert wide.reused_statistics and torch.equal(wide.scores.mlp, r.scores.mlp)
+    units = baseline_masks(model, "wanda-sp-units", 0.3, batches=batches, progress=False)
+    units_metric = compute_metric(model, space, "wanda-sp", batches, keep_ratio=0.7, progress=False)
+    assert torch.equal(units.masks.mlp, top_k_mask(units_metric.mlp, 0.7, space.mlp_offsets, global_pool=False))
+    assert units.removed_fraction < 0.3 and "wanda-sp-units" not in PARAM_MATCHED
 
 
 def test_magnitude_equals_torch_pruning_group_magnitude():
@@ -126,71 +199,23 @@ def test_flap_scores_follow_the_definition():
     torch.testing.assert_close(r.scores.attn[4:6].double(), z.view(2, -1).mean(1), rtol=1e-4, atol=1e-6)
 
 
-def test_flap_bias_compensation_is_exact_at_the_mean_input(tmp_path):
-    dense = tiny_model()
-    batches = _batches()
-    r = baseline_masks(dense, "flap", 0.5, batches=batches, progress=False)
-    stats = flap_statistics(dense, batches, progress=False)
-    space = SearchSpace.from_model(dense)
-    pruned = prune_model(copy.deepcopy(dense), r.masks)
-    apply_biases(pruned, r.biases)
-    with torch.no_grad():
-        for i, (d_layer, p_layer) in enumerate(zip(decoder_layers(dense), decoder_layers(pruned))):
-            keep_o = r.masks.attn[space.attn_slice(i)].repeat_interleave(4 * 16).bool()
-            keep_m = r.masks.mlp[space.mlp_slice(i)].bool()
-            mean_o, mean_m = stats.o_mean[i].float(), stats.down_mean[i].float()
-            torch.testing.assert_close(p_layer.self_attn.o_proj(mean_o[keep_o]), d_layer.self_attn.o_proj(mean_o),
-                                       rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(p_layer.mlp.down_proj(mean_m[keep_m]), d_layer.mlp.down_proj(mean_m),
-                                       rtol=1e-4, atol=1e-5)
-            assert p_layer.mlp.down_proj.bias.abs().sum() > 0  # something was compensated
-
-    ids = batches[0]
-    compensated = copy.deepcopy(dense)
-    apply_biases(compensated, r.biases)
-    with torch.no_grad(), masked(compensated, space, UnitMasks(r.masks.attn, r.masks.mlp)):
-        masked_logits = compensated(input_ids=ids).logits
-    with torch.no_grad():
-        pruned_logits = pruned(input_ids=ids).logits
-        plain = prune_model(copy.deepcopy(dense), r.masks)(input_ids=ids).logits
-    torch.testing.assert_close(pruned_logits, masked_logits, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(pruned_logits, plain, atol=1e-3)  # the biases change the output
-
-    save_pruned(pruned, tmp_path / "flap")
-    loaded = load_pruned(tmp_path / "flap")
-    assert loaded.config.attention_bias and loaded.config.mlp_bias
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, pruned_logits, rtol=1e-4, atol=1e-5)
-
-
-def test_flap_joint_removes_the_prunable_parameter_fraction():
-    model = tiny_model(num_key_value_heads=8)
-    space = SearchSpace.from_model(model)
-    r = baseline_masks(model, "flap-joint", 0.4, batches=_batches(), progress=False)
-    assert r.structure == "AL-AM" and r.biases is not None
-    kept = sum(space.params_per_attn_unit(i) * int(r.masks.attn[space.attn_slice(i)].sum())
-               for i in range(space.num_layers)) + space.params_per_mlp_unit() * int(r.masks.mlp.sum())
-    total = space.prunable_parameters()
-    assert abs(kept - 0.6 * total) <= space.params_per_attn_unit(0)  # the closest prefix
-    assert min(_kept_per_layer(r.masks.attn, space.attn_offsets)) >= 1
-
-
-def test_uniform_structure_and_bad_input():
+def test_bad_input():
     model = tiny_model()
     space = SearchSpace.from_model(model)
-    r = baseline_masks(model, "magnitude", 0.5, structure="uniform")
-    assert _kept_per_layer(r.masks.mlp, space.mlp_offsets) == [48, 48, 48]
+    scores = baseline_masks(model, "magnitude", 0.5).scores
     with pytest.raises(ValueError, match="unknown baseline 'obd'.*taylor"):
         baseline_masks(model, "obd", 0.5)
     with pytest.raises(ValueError, match="needs calibration batches"):
-        baseline_masks(model, "taylor", 0.5)
+        baseline_masks(model, "shortgpt", 0.5)
     with pytest.raises(ValueError, match="sparsity=1.0 must be in"):
         baseline_masks(model, "random", 1.0)
     with pytest.raises(ValueError, match="fewer than one per layer"):
         baseline_masks(model, "random", 0.7)
+    with pytest.raises(ValueError, match="takes all of its 96 MLP channels"):
+        select_units(scores, space, 0.95, "per-layer")
     with pytest.raises(ValueError, match="unknown structure"):
-        select_units(r.scores, space, 0.5, 0.5, "blockwise")
-    assert set(BASELINES) >= {"random", "magnitude", "wanda-sp", "flap", "taylor"}
+        select_units(scores, space, 0.5, "blockwise")
+    assert set(BASELINES) >= {"random", "magnitude", "wanda-sp", "flap", "taylor", "shortgpt"}
 
 
 def test_block_influence_baselines_remove_the_least_influential_blocks(llama):
