@@ -19,8 +19,15 @@ def _python(code: str) -> str:
 
 
 def test_public_names():
-    assert set(PUBLIC) <= set(pg_pruning_plugin.__all__)
+    assert set(PUBLIC) <= set(pg_pruning_plugin.__all__) == set(pg_pruning_plugin._PUBLIC)
     assert all(hasattr(pg_pruning_plugin, name) for name in pg_pruning_plugin.__all__)
+
+
+def test_import_is_fast_and_quiet():
+    proc = subprocess.run([sys.executable, "-c", "import sys, pg_pruning_plugin\n"
+                           "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.stdout.strip() == "[]" and proc.stderr == ""
 
 
 def test_import_and_command_line_do_not_import_the_integrations():

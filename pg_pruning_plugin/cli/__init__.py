@@ -1,55 +1,104 @@
 """``pg-prune``: one sub-command per module in this package.
 
-Each command module defines ``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``;
-none imports Torch-Pruning or llmcompressor before its command runs.
-Errors that are the user's to fix (bad paths, ratios, unsupported models) end with a one-line
-message and exit code 2 instead of a traceback.
+Each command module defines ``NAME`` and ``HELP`` (string literals), ``add_arguments(parser)`` and
+``run(args) -> int``, and may define ``interrupted(args, argv) -> str``, the line printed when the user
+presses Ctrl-C. Only the module of the command being run is imported: the others are listed with
+``NAME`` and ``HELP`` read from their source, so ``pg-prune --help`` imports neither torch nor
+transformers. Each sub-command's ``--help`` shows the defaults. Errors that are the user's to fix (bad paths, ratios,
+unsupported models) end with a one-line message and exit code 2 instead of a traceback; Ctrl-C ends
+with one line and exit code 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import importlib
+import importlib.util
 import logging
 import sys
+from collections.abc import Iterable
+from pathlib import Path
+from types import ModuleType
 
-COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench", "compare", "export_gguf")
+COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench", "compare", "export_gguf")  # modules, in --help order
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+@functools.cache
+def _headers() -> dict[str, tuple[str, str]]:
+    """``{NAME: (module, HELP)}`` of every command module, read from the sources without importing them
+    (their imports take seconds); a module whose ``NAME``/``HELP`` are not literals is imported."""
+    headers = {}
+    for module_name in COMMANDS:
+        spec = importlib.util.find_spec(f"{__name__}.{module_name}")
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        found = {node.targets[0].id: node.value for node in tree.body
+                 if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                 and node.targets[0].id in ("NAME", "HELP")}
+        try:
+            name, summary = ast.literal_eval(found["NAME"]), ast.literal_eval(found["HELP"])
+        except (KeyError, ValueError):
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            name, summary = module.NAME, module.HELP
+        headers[name] = (module_name, summary)
+    return headers
+
+
+def command_module(command: str) -> ModuleType:
+    """The module that implements ``command`` (imported now)."""
+    return importlib.import_module(f"{__name__}.{_headers()[command][0]}")
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``pg-prune`` parser with the full arguments of ``commands`` (default: all); the other commands
+    are listed with their summary only, so their modules are not imported."""
+    full = set(_headers() if commands is None else commands)
     parser = argparse.ArgumentParser(
         prog="pg-prune",
         description="Forward-only policy-gradient structural pruning of LLMs (Gao et al., ACL 2025).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks for errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMANDS:
-        module = importlib.import_module(f"{__name__}.{module_name}")
-        command = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(handler=module.run)
+    for name, (_, summary) in _headers().items():
+        command = sub.add_parser(name, help=summary, description=summary,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name in full:
+            command_module(name).add_arguments(command)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The command named in ``argv`` (the first word that is not an option), if any."""
+    word = next((a for a in argv if not a.startswith("-")), None)
+    return word if word in _headers() else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = _command_of(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
+    if args.command is None:
+        build_parser([]).print_help()
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    if getattr(args, "handler", None) is None:
-        parser.print_help()
-        return 2
-    from ..resources.text import TextSourceUnavailable
-
+    module = command_module(args.command)
     try:
-        return args.handler(args)
-    except (*USER_ERRORS, TextSourceUnavailable) as exc:
-        if args.verbose:
+        return module.run(args)
+    except KeyboardInterrupt:
+        explain = getattr(module, "interrupted", None)
+        print(f"pg-prune {args.command}: {explain(args, argv) if explain else 'interrupted'}", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        from ..resources.text import TextSourceUnavailable
+
+        if args.verbose or not isinstance(exc, (*USER_ERRORS, TextSourceUnavailable)):
             raise
         print(f"pg-prune {args.command}: error: {exc}", file=sys.stderr)
         return 2

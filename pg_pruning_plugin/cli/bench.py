@@ -20,6 +20,7 @@ import torch
 from ..evaluation.records import provenance
 from ..evaluation.speed import SHAPES, build_model, inference_speed, search_memory, search_speed
 from ..resources.files import write_atomic
+from ..resources.models import as_dtype
 
 NAME = "bench"
 HELP = "measure search throughput and memory, and prefill/decode speed of pruned models; results to a JSON file"
@@ -27,7 +28,8 @@ HELP = "measure search throughput and memory, and prefill/decode speed of pruned
 logger = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model to load (default: SmolLM2-135M-Instruct, real weights)")
+    p.add_argument("--model", default=None,
+                   help="model to load (None: the embedded SmolLM2-135M-Instruct, real weights)")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None,
                    help="random weights of a real model's shape instead of --model (speed needs no real weights)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
@@ -37,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=2, help="mask samples per search step, K")
     p.add_argument("--sample-sparsity", type=float, default=0.5, help="fraction of units each sample drops")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per variant (median kept)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: torch's choice)")
     p.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.3, 0.5], help="pruned models to time")
     p.add_argument("--gen-batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=128)
@@ -53,8 +55,7 @@ def _check(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
                           "cpu" if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no GPU is available")
-    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    if dtype_name not in ("float32", "bfloat16", "float16"):
+    if args.dtype not in ("float32", "bfloat16", "float16", "auto"):
         raise ValueError(f"--dtype {args.dtype!r}: choose float32, bfloat16, float16 or auto")
     if not 0 < args.sample_sparsity < 1 or any(not 0 < s < 1 for s in args.sparsities):
         raise ValueError("sparsities must be in (0, 1)")
@@ -62,7 +63,7 @@ def _check(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         raise ValueError("--samples must be >= 2, --repeats >= 1 and --new-tokens >= 2")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be positive")
-    return device, getattr(torch, dtype_name)
+    return device, as_dtype(args.dtype, device)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,9 +12,9 @@ HELP = "build the offline lm-eval tasks (<task>_local, tag offline_zeroshot) fro
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: <cache>/lm_eval_tasks)")
+                        help="output folder (None: <cache>/lm_eval_tasks)")
     parser.add_argument("--tasks", nargs="+", default=None,
-                        help="subset of tasks to build (default: all known tasks)")
+                        help="subset of tasks to build (None: all known tasks)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -21,15 +22,16 @@ from ..core.checkpoint import save_pruned
 from ..core.removal import kept_space, prune_model
 from ..evaluation.perplexity import perplexity
 from ..reporting import REPORT_FILE, format_accounting, layer_table, plot_curves, plot_layer_widths, pruning_report
-from ..resources.files import check_output_dir
-from ..resources.models import DEFAULT_MODEL, load_model, resolve_model_dir
-from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..resources.models import DEFAULT_MODEL, load_model, model_paths, resolve_model_dir, weightless_model
+from ..resources.outputs import check_output
+from ..resources.text import DEFAULT_TEXT, calibration_blocks, check_text_source
 from ..scoring.metrics import METRICS
 from ..search.budget import GRANULARITIES, Budget
-from ..search.config import EXECUTIONS, SearchConfig
+from ..search.config import EXECUTIONS, ResumeError, SearchConfig
 from ..search.init import INIT_MAPPINGS
 from ..search.loop import PolicyGradientSearch
 from ..search.policy import ESTIMATORS
+from ..search.state_file import check_signature, read_state, signature
 
 NAME = "prune"
 HELP = ("learn which KV groups, MLP channels (and whole blocks) to remove with the policy-gradient search, then "
@@ -40,11 +42,11 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF directory, .gguf file or Hub id (default: {DEFAULT_MODEL}, embedded)")
+                   help=f"HF directory, .gguf file or Hub id ({DEFAULT_MODEL}: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--text", default=DEFAULT_TEXT,
                    help="calibration text: wiki-vital (embedded), wikitext2, c4, or a .txt/.jsonl file")
     p.add_argument("--eval-text", default=None,
-                   help="held-out text for the report (default: the eval split of --text; required for files)")
+                   help="held-out text for the report (None: the eval split of --text; required for files)")
     p.add_argument("--output", default="runs/smollm2-pg30", help="directory for the pruned model")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     g = p.add_argument_group("budget")
@@ -57,7 +59,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="units: width (KV groups, MLP channels), depth (whole attention/MLP blocks), or both")
     g.add_argument("--cost", choices=("params", "flops"), default=None,
                    help="one budget in this currency instead of separate per-type budgets: --sparsity is then the "
-                        "fraction of prunable parameters (or FLOPs/token) removed (default for depth: params)")
+                        "fraction of prunable parameters (or FLOPs/token) removed (depth granularities: params)")
     g.add_argument("--cost-seq-len", type=int, default=2048, help="context length of the FLOPs cost and report")
     g.add_argument("--keep-params", type=_count, default=None,
                    help="total parameters to keep, e.g. 100M or 1.2e8 (one parameter budget instead of --sparsity)")
@@ -67,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--samples", type=int, default=2, help="mask samples per step, K")
     s.add_argument("--lr", type=float, default=1e-2, help="score learning rate (cosine to 0; paper: 2e-3)")
     s.add_argument("--baseline-window", type=int, default=5, help="EMA baseline window W (0: no baseline)")
-    s.add_argument("--batch-size", type=int, default=8)
-    s.add_argument("--seq-len", type=int, default=128)
+    s.add_argument("--batch-size", type=int, default=8, help="calibration blocks per step")
+    s.add_argument("--seq-len", type=int, default=128, help="tokens per calibration block")
     s.add_argument("--max-epochs", type=int, default=1, help="passes allowed over the calibration blocks")
     s.add_argument("--init", choices=METRICS, default="wanda-sp", help="initial metric")
     s.add_argument("--init-mapping", choices=INIT_MAPPINGS, default="mask",
@@ -78,10 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--estimator", choices=ESTIMATORS, default="authors", help="gradient estimator")
     s.add_argument("--execution", choices=EXECUTIONS, default="gather",
                    help="gather: skip the compute of dropped units (faster, same losses); mask: multiply by 0")
-    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--seed", type=int, default=42, help="calibration sample, mask sampling and batch order")
     s.add_argument("--checkpoint", default=None,
-                   help="search-state file, written every --checkpoint-every steps (default: OUTPUT.search-state.pt)")
-    s.add_argument("--checkpoint-every", type=int, default=25)
+                   help="search-state file, written every --checkpoint-every steps (None: OUTPUT.search-state.pt)")
+    s.add_argument("--checkpoint-every", type=int, default=25, help="steps between search-state snapshots")
     s.add_argument("--resume", action="store_true", help="continue from an existing --checkpoint file")
     e = p.add_argument_group("report")
     e.add_argument("--eval-windows", type=int, default=64,
@@ -112,22 +114,34 @@ def _config(args: argparse.Namespace) -> SearchConfig:
     )
 
 
+def _state_path(args: argparse.Namespace) -> Path:
+    return Path(args.checkpoint or f"{Path(args.output).expanduser().resolve()}.search-state.pt")
+
+
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    config = _config(args)  # validates ratios and search settings before any loading
-    output = check_output_dir(args.output, args.overwrite, input_dir=args.model)
-    state_path = Path(args.checkpoint or f"{output}.search-state.pt")
+    # Everything the user can get wrong is checked before the model loads.
+    config = _config(args)  # ratios and search settings
+    output = check_output(args.output, args.overwrite, model_paths(args.model), overwrite_hint="--overwrite")
+    state_path = _state_path(args)
     if state_path.exists() and not args.resume:
         raise FileExistsError(f"search state {state_path} exists; pass --resume to continue it or delete it")
     if args.resume and not state_path.exists():
         raise FileNotFoundError(f"--resume given but {state_path} does not exist")
+    for source in filter(None, (args.text, args.eval_text)):
+        check_text_source(source)
     if Path(args.text).suffix in (".txt", ".jsonl") and args.eval_windows and not args.eval_text:
         raise ValueError("a local calibration file has no held-out split: pass --eval-text FILE or --eval-windows 0")
-
+    saved = read_state(state_path) if args.resume else None  # ResumeError: a corrupt file
     model_dir = resolve_model_dir(args.model)
     architecture_of(AutoConfig.from_pretrained(model_dir))  # unsupported models fail before weights load
-    model, tokenizer = load_model(model_dir)
+    before_space = SearchSpace.from_model(weightless_model(model_dir))
+    budget = Budget.of(before_space, config)  # resolves --keep-params; refuses an unreachable budget
     steps_per_epoch = math.ceil(config.steps / config.max_epochs)
+    if saved is not None:  # ResumeError naming the field that differs from this run
+        check_signature(saved, signature(config, before_space, steps_per_epoch), state_path)
+
+    model, tokenizer = load_model(model_dir)
     calib = calibration_blocks(tokenizer, args.text, args.seq_len, steps_per_epoch * config.batch_size, seed=args.seed)
     eval_text = args.eval_text or args.text
 
@@ -136,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
             return None
         return perplexity(model, tokenizer, eval_text, seq_len=128, max_windows=args.eval_windows)
 
-    before_space = SearchSpace.from_model(model)
     params_before = count_parameters(model)
-    budget = Budget.of(before_space, config)  # resolves --keep-params; refuses an unreachable budget
     if args.keep_params:
         logger.info("--keep-params %s: removing %.2f%% of the prunable parameters", f"{args.keep_params:,}",
                     100 * budget.requested()["cost_sparsity"])
@@ -152,16 +164,16 @@ def run(args: argparse.Namespace) -> int:
     pruned_ppl = held_out_ppl()
     evaluation = None if not dense_ppl else {"dense_ppl": dense_ppl.ppl, "pruned_ppl": pruned_ppl.ppl,
                                              "protocol": str(pruned_ppl)}
-    run = {"model": args.model, "calibration": args.text, "arguments": vars(args) | {"handler": None}}
+    run = {"model": args.model, "calibration": args.text, "arguments": vars(args)}
     report = pruning_report(before_space, result.masks, search.budget, result, params=(params_before, params_after),
                             evaluation=evaluation, run=run)
-    saved = save_pruned(model, output, tokenizer, overwrite=args.overwrite, input_dir=args.model,
-                        extra_files={REPORT_FILE: json.dumps(report, indent=2)})
-    result.save(saved / "search_result.pt")
-    plot_layer_widths(before_space, after_space, saved / "kept_per_layer.png",
+    written = save_pruned(model, output, tokenizer, overwrite=args.overwrite,
+                          extra_files={REPORT_FILE: json.dumps(report, indent=2)})
+    result.save(written / "search_result.pt")
+    plot_layer_widths(before_space, after_space, written / "kept_per_layer.png",
                       title=f"{args.model}: kept fraction per layer")
     plot_curves({"mean sample loss": result.history["loss"], "baseline": result.history["baseline"]},
-                saved / "search_loss.png", ylabel="cross-entropy")
+                written / "search_loss.png", ylabel="cross-entropy")
     state_path.unlink(missing_ok=True)
 
     lines = [
@@ -175,9 +187,22 @@ def run(args: argparse.Namespace) -> int:
                      f"({pruned_ppl.n_windows} windows x {pruned_ppl.seq_len} tokens of {pruned_ppl.source})")
     lines += [
         format_accounting(report["accounting"]) if report["cost_budget"] else layer_table(before_space, after_space),
-        f"search: {config.steps} steps x {config.samples_per_step} samples in {result.seconds:.0f} s; "
-        f"total wall time {time.perf_counter() - t0:.0f} s",
-        f"written to {saved} (load with pg_pruning_plugin.load_pruned; plots kept_per_layer.png, search_loss.png)",
+        f"search: {config.steps} steps x {config.samples_per_step} samples in {result.seconds:.0f} s"
+        + (f" (resumed at step {saved.step}; seconds of both runs)" if saved else "")
+        + f"; wall time of this run {time.perf_counter() - t0:.0f} s",
+        f"written to {written} (load with pg_pruning_plugin.load_pruned; plots kept_per_layer.png, search_loss.png)",
     ]
     print("\n".join(lines))
     return 0
+
+
+def interrupted(args: argparse.Namespace, argv: list[str]) -> str:
+    """The line printed on Ctrl-C: which step's search state is saved, and the command that resumes it."""
+    try:
+        step = read_state(_state_path(args)).step
+    except ResumeError:
+        return (f"interrupted before the search saved a state (every --checkpoint-every {args.checkpoint_every} "
+                f"steps); run the same command to start again")
+    command = shlex.join(["pg-prune", *argv, *([] if args.resume else ["--resume"])])
+    return (f"interrupted; the search state after step {step} of {args.steps} is in {_state_path(args)}. "
+            f"Resume with: {command}")

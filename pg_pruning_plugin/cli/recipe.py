@@ -3,9 +3,11 @@
 A thin layer over ``llmcompressor.oneshot``: the calibration set is ``--num-samples`` blocks of
 ``--seq-len`` tokens from the calib split of ``--text`` (``datasets.Dataset`` of input_ids and
 attention_mask, in a fixed order), the model is the directory ``resolve_model_dir`` gives (the
-embedded SmolLM2 default is a cached copy of its GGUF file), and the compressed-tensors output is
-written to a temporary directory and renamed to ``--output``. The recipe's fields, the
-architecture and any cost budget (``granularity``/``cost`` fields) are checked before weights load.
+embedded SmolLM2 default is a cached copy of its GGUF file), loaded in the project's per-device
+default dtype (``resources.models.default_dtype``: float32 on the CPU) unless ``--precision`` says
+otherwise, and the compressed-tensors output is written to a temporary directory and renamed to
+``--output``. The recipe's fields, the output, the text source, the architecture and any cost budget
+(``granularity``/``cost`` fields) are checked before weights load.
 """
 
 from __future__ import annotations
@@ -17,12 +19,20 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig
 
 from ..core.architectures import SearchSpace, architecture_of
-from ..resources.files import atomic_directory, check_output_dir
-from ..resources.models import DEFAULT_MODEL, load_tokenizer, resolve_model_dir
-from ..resources.text import DEFAULT_TEXT, calibration_blocks
+from ..resources.files import atomic_directory
+from ..resources.models import (
+    DEFAULT_MODEL,
+    default_dtype,
+    load_tokenizer,
+    model_paths,
+    resolve_model_dir,
+    weightless_model,
+)
+from ..resources.outputs import check_output
+from ..resources.text import DEFAULT_TEXT, calibration_blocks, check_text_source
 from ..search.budget import Budget
 
 NAME = "recipe"
@@ -36,15 +46,16 @@ MODIFIER = "PolicyGradientPruningModifier"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="llmcompressor recipe file (YAML with *_stage / *_modifiers levels)")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"HF directory, .gguf file or Hub id (default: {DEFAULT_MODEL}, embedded)")
+                   help=f"HF directory, .gguf file or Hub id ({DEFAULT_MODEL}: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--text", default=DEFAULT_TEXT,
                    help="calibration text: wiki-vital (embedded), wikitext2, c4, or a .txt/.jsonl file")
     p.add_argument("--output", required=True, help="directory for the compressed model (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--num-samples", type=int, default=256, help="calibration sequences given to oneshot")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sequence")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype the model is loaded in (auto: the checkpoint's)")
+    p.add_argument("--precision", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="dtype the model is loaded in (None: float32 on the CPU, bfloat16 on an accelerator; auto: "
+                        "the checkpoint's, oneshot's own default)")
     p.add_argument("--seed", type=int, default=0, help="which calibration blocks are drawn")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help=f"override a {MODIFIER} field of the recipe, e.g. --set steps=40, --set granularity=depth, "
@@ -105,8 +116,7 @@ def check_budgets(model_dir: str | os.PathLike, text: str) -> None:
                if isinstance(m, PolicyGradientPruningModifier)]
     if not configs:
         return
-    with torch.device("meta"):
-        space = SearchSpace.from_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir)))
+    space = SearchSpace.from_model(weightless_model(model_dir))
     for config in configs:
         Budget.of(space, config)  # BudgetError names the reachable range
 
@@ -119,13 +129,22 @@ def calibration_dataset(tokenizer, text: str, num_samples: int, seq_len: int, se
     return Dataset.from_dict({"input_ids": blocks.tolist(), "attention_mask": torch.ones_like(blocks).tolist()})
 
 
+def precision(choice: str | None) -> str:
+    """The ``precision`` given to ``oneshot``: ``choice``, or the per-device default for the device oneshot
+    computes on (its first accelerator, else the CPU)."""
+    if choice is not None:
+        return choice
+    device = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else torch.device("cpu")
+    return str(default_dtype(device)).removeprefix("torch.")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.num_samples < 1 or args.seq_len < 2:
         raise ValueError("--num-samples must be >= 1 and --seq-len >= 2")
     text, prunes = recipe_text(args.recipe, args.overrides)
-    output = check_output_dir(args.output, args.overwrite, input_dir=args.model)
+    output = check_output(args.output, args.overwrite, model_paths(args.model), overwrite_hint="--overwrite")
+    check_text_source(args.text)
     model_dir = resolve_model_dir(args.model)
-    check_output_dir(output, args.overwrite, input_dir=model_dir)
     if prunes:  # unsupported models and unreachable budgets fail on the config, before any weight is loaded
         architecture_of(AutoConfig.from_pretrained(model_dir))
         check_budgets(model_dir, text)
@@ -135,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from llmcompressor import oneshot
 
     with atomic_directory(output) as tmp:
-        oneshot(model=model_dir, processor=tokenizer, dataset=dataset, recipe=text, precision=args.precision,
+        oneshot(model=model_dir, processor=tokenizer, dataset=dataset, recipe=text, precision=precision(args.precision),
                 num_calibration_samples=args.num_samples, max_seq_length=args.seq_len,
                 shuffle_calibration_samples=False, output_dir=str(tmp))
     print(f"{args.recipe} applied to {args.model}: written to {output}")

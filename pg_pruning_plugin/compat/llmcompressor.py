@@ -9,7 +9,8 @@
 2. **The saved config.** llmcompressor 0.14 rewrites ``config.json`` from the original checkpoint on
    save, which reverts the pruned widths and layer count. :func:`patch_save_pretrained` wraps the
    model's ``save_pretrained`` so that :func:`write_pruned_config` writes them back (and extra files
-   next to them).
+   next to them). The same wrapper refuses, before anything is written, a save into the model's
+   own source directory or the caches (``oneshot(output_dir=...)`` writes in place, without asking).
 
 This module imports nothing from llmcompressor.
 """
@@ -25,10 +26,13 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-
-import torch.nn as nn
+from typing import TYPE_CHECKING
 
 from ..resources.files import write_atomic
+from ..resources.outputs import check_output, model_source
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 __all__ = ["PRUNED_CONFIG_KEYS", "patch_save_pretrained", "register_when_imported", "write_pruned_config"]
 
@@ -92,13 +96,16 @@ def write_pruned_config(model: nn.Module, save_directory: str | os.PathLike) -> 
 
 def patch_save_pretrained(model: nn.Module, extra_files: Callable[[], dict[str, str]]) -> None:
     """Wrap ``model.save_pretrained`` once so that every save writes the pruned config keys back and the
-    files ``extra_files()`` names (file name -> text) next to ``config.json``."""
+    files ``extra_files()`` names (file name -> text) next to ``config.json``. A save into the directory the
+    model was loaded from (or the caches) raises ``ValueError`` before anything is written."""
     inner = model.save_pretrained
     if getattr(inner, "_pg_pruning_config_patch", False):
         return
+    sources = model_source(model)
 
     @wraps(inner)
     def save_pretrained(save_directory, *args, **kwargs):
+        check_output(save_directory, overwrite=True, inputs=sources)
         inner(save_directory, *args, **kwargs)
         write_pruned_config(model, save_directory)
         for name, text in extra_files().items():

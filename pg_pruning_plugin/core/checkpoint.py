@@ -1,11 +1,13 @@
 """Saving and loading pruned models.
 
 ``save_pruned`` writes ``save_pretrained`` output (plus tokenizer) to a temporary directory and
-renames it into place, so an interrupted run never leaves a half-written model. The config keeps
-``pruned_layers`` (per-layer widths; 0 marks a removed block). Uniform widths also set the standard config
-fields, so stock ``AutoModelForCausalLM.from_pretrained`` loads them; heterogeneous widths load with
-:func:`load_pruned`, which builds each layer's projections at the recorded sizes before the weights
-are read.
+renames it into place, so an interrupted run never leaves a half-written model; it refuses an output
+on the model's own source directory or the caches (``resources.outputs``), and a model whose config
+does not describe its weights (pruned without updating the config), which nothing could load. The
+config keeps ``pruned_layers`` (per-layer widths; 0 marks a removed block). Uniform widths also set
+the standard config fields, so stock ``AutoModelForCausalLM.from_pretrained`` loads them; heterogeneous
+widths load with :func:`load_pruned`, which builds each layer's projections at the recorded sizes
+before the weights are read.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,20 +23,29 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-from ..resources.files import atomic_directory, check_output_dir
-from .architectures import PROJECTION_ROLES, architecture_of, decoder_layers
+from ..resources.files import atomic_directory
+from ..resources.outputs import check_output, model_source
+from .architectures import PROJECTION_ROLES, SearchSpace, architecture_of, decoder_layers
 from .removal import RemovedAttention, RemovedMLP
 from .slicing import UNIT_AXES
 
-__all__ = ["is_pruned_checkpoint", "load_model_dir", "load_pruned", "pruned_model_class", "save_pruned"]
+__all__ = ["check_config_describes_weights", "is_pruned_checkpoint", "load_model_dir", "load_pruned",
+           "pruned_model_class", "save_pruned"]
 
 logger = logging.getLogger(__name__)
 
 
 def save_pruned(model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer=None, overwrite: bool = False,
-                input_dir: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None) -> Path:
-    """Atomically write ``model`` (and ``tokenizer``) to ``output_dir``; returns the final path."""
-    out = check_output_dir(output_dir, overwrite, input_dir)
+                inputs: Iterable[str | os.PathLike] = (), extra_files: dict[str, str] | None = None) -> Path:
+    """Atomically write ``model`` (and ``tokenizer``) to ``output_dir``; returns the final path.
+
+    Refuses (before writing anything) an existing ``output_dir`` unless ``overwrite``; an output on, inside
+    or around the directory the model was loaded from (``config._name_or_path``), the other ``inputs`` or
+    the caches, whatever ``overwrite`` says; and a model whose config does not describe its weights
+    (:func:`check_config_describes_weights`).
+    """
+    out = check_output(output_dir, overwrite, [*model_source(model), *inputs])
+    check_config_describes_weights(model)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
@@ -42,6 +54,40 @@ def save_pruned(model: PreTrainedModel, output_dir: str | os.PathLike, tokenizer
             (tmp / name).write_text(text)
     logger.info("pruned model written to %s", out)
     return out
+
+
+def check_config_describes_weights(model: PreTrainedModel) -> None:
+    """Raise ``ValueError`` unless every Linear's ``in/out_features`` match its weight and the config's
+    widths (``pruned_layers``, else the standard fields) match every decoder layer's weights.
+
+    A model pruned without updating its config (a plain Torch-Pruning step, say) fails here: saved, it
+    would load with neither :func:`load_pruned` nor ``from_pretrained``.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and (module.out_features, module.in_features) != tuple(module.weight.shape):
+            raise ValueError(f"{name}: in/out_features ({module.in_features}, {module.out_features}) do not match its "
+                             f"weight {tuple(module.weight.shape)}; the model was pruned without resetting them")
+    config = model.config.get_text_config()
+    space = SearchSpace.from_model(model)
+    recorded = getattr(config, "pruned_layers", None)
+    if recorded is None:
+        recorded = [{key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads",
+                                                           "intermediate_size")}] * config.num_hidden_layers
+    if len(recorded) != space.num_layers or config.num_hidden_layers != space.num_layers:
+        raise ValueError(f"the config records {config.num_hidden_layers} layers ({len(recorded)} widths) but the model "
+                         f"has {space.num_layers}; update the config (core.removal.update_config) before saving")
+    for i, (widths, shape) in enumerate(zip(recorded, space.layers)):
+        actual = {"num_attention_heads": shape.num_attention_heads, "num_key_value_heads": shape.num_kv_groups,
+                  "intermediate_size": shape.intermediate_size}
+        if any(widths[key] != value for key, value in actual.items()):
+            raise ValueError(
+                f"layer {i}: the config records {widths['num_attention_heads']} query heads, "
+                f"{widths['num_key_value_heads']} KV heads and {widths['intermediate_size']} MLP channels, but its "
+                f"weights hold {actual['num_attention_heads']}, {actual['num_key_value_heads']} and "
+                f"{actual['intermediate_size']}: the model was pruned without updating its config, and the checkpoint "
+                f"would not load. Prune with prune_model or prune_step (Torch-Pruning: not a plain pruner.step()), "
+                f"or call pg_pruning_plugin.core.removal.update_config(model) before saving"
+            )
 
 
 def _resize_layers(model: nn.Module, widths: list[dict]) -> None:

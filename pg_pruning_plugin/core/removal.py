@@ -141,9 +141,13 @@ def remove_blocks(model: nn.Module, drop_attn: list[bool], drop_mlp: list[bool])
 def update_config(model: nn.Module) -> None:
     """Write the current per-layer widths into the model and its config.
 
-    Always records ``pruned_layers`` (one dict per layer; 0 heads or 0 channels: the block is removed);
-    when every layer is equal and the config class accepts them, the standard fields (``num_attention_heads``,
-    ``num_key_value_heads``, ``intermediate_size``) are set too, so stock ``from_pretrained`` loads the checkpoint.
+    ``pruned_layers`` records every layer's widths (0 heads or 0 channels: the block is removed) and is the
+    truth :func:`~pg_pruning_plugin.core.checkpoint.load_pruned` builds from. The standard fields
+    (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) hold the widest layer's widths:
+    every layer's when they are uniform, so stock ``from_pretrained`` loads the checkpoint, and otherwise a
+    width some layer really has rather than the unpruned one (stock loaders then refuse the narrower layers'
+    weights; docs/serving.md). If the config class rejects those values (e.g. Llama requires
+    ``hidden_size % num_attention_heads == 0``) the fields stay as they were, with a warning.
     """
     space = SearchSpace.from_model(model)
     config = model.config.get_text_config()
@@ -159,14 +163,14 @@ def update_config(model: nn.Module) -> None:
             getattr(layer, space.spec.mlp).intermediate_size = shape.intermediate_size
     config.head_dim = space.layers[0].head_dim
     config.pruned_layers = widths
-    if all(w == widths[0] for w in widths) and not space.has_removed_blocks:
-        previous = {key: getattr(config, key) for key in widths[0]}
-        for key, value in widths[0].items():
+    widest = {key: max(w[key] for w in widths) for key in widths[0]}
+    previous = {key: getattr(config, key) for key in widest}
+    for key, value in widest.items():
+        setattr(config, key, value)
+    try:
+        config.validate()
+    except Exception as exc:  # noqa: BLE001 - transformers raises several validation error types
+        logger.warning("widths %s are not a valid %s (%s); keeping the original fields, load the checkpoint with "
+                       "pg_pruning_plugin.load_pruned", widest, type(config).__name__, exc)
+        for key, value in previous.items():
             setattr(config, key, value)
-        try:
-            config.validate()  # e.g. Llama requires hidden_size % num_attention_heads == 0
-        except Exception as exc:  # noqa: BLE001 - transformers raises several validation error types
-            logger.warning("uniform widths %s are not a valid %s (%s); keeping the original fields, load the "
-                           "checkpoint with pg_pruning_plugin.load_pruned", widths[0], type(config).__name__, exc)
-            for key, value in previous.items():
-                setattr(config, key, value)

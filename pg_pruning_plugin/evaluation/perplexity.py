@@ -122,5 +122,5 @@ def perplexity(
     blocks = source_blocks(tokenizer, source, split, seq_len, max_blocks=max_windows, add_bos=add_bos)
     ppl, n_tokens = perplexity_on_blocks(model, blocks, batch_size, reduction, progress)
     result = PerplexityResult(ppl, seq_len, blocks.shape[0], n_tokens, source, split, reduction)
-    logger.info("%s", result)
+    logger.debug("%s", result)
     return result

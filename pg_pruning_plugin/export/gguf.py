@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,8 +54,10 @@ from ..core.architectures import SearchSpace, architecture_of, decoder_layers
 from ..core.checkpoint import load_model_dir
 from ..resources.assets import smollm2_gguf
 from ..resources.files import atomic_file
+from ..resources.outputs import check_output, model_source
 
-__all__ = ["GGUF_DTYPES", "GGUF_FAMILIES", "LayerPlan", "export_gguf", "gguf_layer_plan", "permute_for_llama_cpp_rope"]
+__all__ = ["GGUF_DTYPES", "GGUF_FAMILIES", "LayerPlan", "check_gguf_output", "check_unquantized", "export_gguf",
+           "gguf_layer_plan", "permute_for_llama_cpp_rope"]
 
 logger = logging.getLogger(__name__)
 
@@ -351,6 +354,30 @@ def _smollm2_gguf_if_matching(tokenizer) -> Path | None:
 # ---------------------------------------------------------------------------------------------- export
 
 
+def check_gguf_output(path: str | os.PathLike, overwrite: bool = False,
+                      inputs: Iterable[str | os.PathLike] = (), overwrite_hint: str = "overwrite=True") -> Path:
+    """The resolved output path, after refusing a name without ``.gguf``, an existing file without
+    ``overwrite``, and a path on or inside the input model or the caches (``resources.outputs``)."""
+    out = check_output(path, overwrite, inputs, overwrite_hint)
+    if out.suffix != ".gguf":
+        raise ValueError(f"output {out} must end in .gguf")
+    return out
+
+
+def check_unquantized(config: dict, source) -> None:
+    """Refuse a quantized checkpoint (``quantization_config`` in its config, e.g. compressed-tensors) from its
+    config alone: GGUF export writes float weights and would have to de-quantize them first."""
+    quantization = (config.get("text_config") or config).get("quantization_config") or config.get(
+        "quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "quantized") if isinstance(quantization, dict) else "quantized"
+        raise ValueError(
+            f"{source} is a {method} checkpoint; GGUF export needs the unquantized weights. Export the checkpoint "
+            f"before quantization (pg-prune prune's output, or a pruning-only recipe's), then quantize the GGUF with "
+            f"llama.cpp's llama-quantize (docs/serving.md)"
+        )
+
+
 def export_gguf(model_or_dir, path: str | os.PathLike, tokenizer=None, overwrite: bool = False, dtype: str = "f32",
                 tokenizer_gguf: str | os.PathLike | None = None, tokenizer_pre: str | None = None,
                 name: str | None = None) -> Path:
@@ -367,15 +394,16 @@ def export_gguf(model_or_dir, path: str | os.PathLike, tokenizer=None, overwrite
     """
     import gguf
 
-    out = Path(path).expanduser().resolve()
-    if out.suffix != ".gguf":
-        raise ValueError(f"output {out} must end in .gguf")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} exists; pass overwrite=True (--overwrite) or choose another path")
+    from_dir = not isinstance(model_or_dir, nn.Module)
+    out = check_gguf_output(path, overwrite, [model_or_dir] if from_dir else model_source(model_or_dir))
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"dtype must be one of {GGUF_DTYPES}, got {dtype!r}")
     if tokenizer_gguf is not None and not Path(tokenizer_gguf).is_file():
         raise FileNotFoundError(f"tokenizer GGUF {tokenizer_gguf} does not exist")
+    config_file = Path(model_or_dir).expanduser() / "config.json" if from_dir else None
+    if config_file is None or config_file.is_file():  # a missing config is load_model_dir's error
+        check_unquantized(json.loads(config_file.read_text(encoding="utf-8")) if config_file else
+                          model_or_dir.config.to_dict(), model_or_dir if from_dir else "the model")
     model, tokenizer = load_model_dir(model_or_dir, tokenizer)
     _check_supported(model)
     config = model.config.get_text_config()

@@ -1,8 +1,9 @@
-"""Writing files and directories atomically, and refusing outputs that would clobber something.
+"""Writing files and directories atomically.
 
 Every file or directory the package writes goes through :func:`atomic_file` or
 :func:`atomic_directory`: the content is written under a temporary sibling name and renamed into
-place, so an interrupted run leaves either the old content or the new one, never half of it.
+place, so an interrupted run leaves either the old content or the new one, never half of it. Where an
+output may go at all is ``outputs.py``'s rule.
 """
 
 from __future__ import annotations
@@ -14,21 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_file", "check_output_dir", "write_atomic"]
-
-
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False,
-                     input_dir: str | os.PathLike | None = None) -> Path:
-    """Refuse an existing output (unless ``overwrite``) and any path inside the input model's directory."""
-    out = Path(output_dir).resolve()
-    if input_dir is not None and Path(input_dir).exists():
-        src = Path(input_dir).resolve()
-        src = src if src.is_dir() else src.parent
-        if out == src or src in out.parents:
-            raise ValueError(f"output {out} is inside the input model directory {src}; choose another --output")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} exists; pass overwrite=True (--overwrite) or choose another path")
-    return out
+__all__ = ["atomic_directory", "atomic_file", "write_atomic"]
 
 
 @contextmanager

@@ -1,24 +1,28 @@
 """Model loading: the embedded SmolLM2 default, local HF directories, GGUF files and Hub ids.
 
 GGUF files are de-quantized once by transformers' gguf support and re-saved as a plain safetensors
-directory under ``cache_dir()/models/`` (bf16, like the reference baselines), so later loads are an
-ordinary fast ``from_pretrained``. Note that the SmolLM2 weights are de-quantized Q4_1: every "dense"
-baseline carries 4-bit quantization noise.
+directory under ``cache_dir()/models/`` (bf16 on disk, like the reference baselines), so later loads
+are an ordinary fast ``from_pretrained``. Note that the SmolLM2 weights are de-quantized Q4_1: every
+"dense" baseline carries 4-bit quantization noise.
+
+The compute dtype is chosen per device, not by the checkpoint: :func:`default_dtype` gives float32 on
+the CPU and bfloat16 on accelerators, for every command and for :func:`load_model`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .assets import cache_dir, smollm2_gguf
-from .files import atomic_directory
+from .files import atomic_directory, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +35,17 @@ _LOCAL_ALTERNATIVES = (
 )
 
 
-def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    """``torch.float32`` or ``"float32"``/``"torch.float32"`` -> ``torch.dtype`` (ValueError if unknown)."""
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The compute dtype used unless one is asked for: float32 on the CPU (bfloat16 matmuls are slow and
+    coarse there), bfloat16 on an accelerator."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def as_dtype(dtype: torch.dtype | str | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """``torch.float32`` or ``"float32"``/``"torch.float32"`` -> ``torch.dtype`` (ValueError if unknown);
+    ``None`` or ``"auto"``: :func:`default_dtype` of ``device``."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
     if isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype).replace("torch.", ""), None)
@@ -89,6 +102,20 @@ def _resave_gguf(gguf_path: Path, out_dir: Path) -> None:
     with atomic_directory(out_dir, replace=False) as tmp:  # a concurrent writer's finished copy is kept
         plain.to(CACHE_DTYPE).save_pretrained(tmp)
         tok.save_pretrained(tmp)
+    _bpe_cleanup_off(out_dir)
+
+
+def _bpe_cleanup_off(model_dir: Path) -> None:
+    """Record ``clean_up_tokenization_spaces: false`` in a cached GGUF copy's tokenizer config.
+
+    The GGUF tokenizer is byte-level BPE, for which transformers ignores the clean-up (it would strip spaces
+    before punctuation) and warns about it on every load; ``false`` is what it does anyway. Copies cached
+    before this was recorded are corrected on their next use.
+    """
+    path = model_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("clean_up_tokenization_spaces") is not False:
+        write_atomic(path, json.dumps(config | {"clean_up_tokenization_spaces": False}, indent=2) + "\n")
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> str:
@@ -118,7 +145,26 @@ def resolve_model_dir(name_or_path: str | os.PathLike | None = None) -> str:
     out = gguf_cache_path(gguf)
     if not (out / "config.json").is_file():
         _resave_gguf(Path(gguf), out)
+    _bpe_cleanup_off(out)
     return str(out)
+
+
+def model_paths(name_or_path: str | os.PathLike | None = None) -> list[Path]:
+    """The local paths a model spec reads, found without building anything: a directory; a ``.gguf`` file
+    and its cached plain copy (the embedded default's too); nothing for a Hub id. Outputs must stay clear
+    of them (:func:`~pg_pruning_plugin.resources.outputs.check_output`)."""
+    name = DEFAULT_MODEL if name_or_path is None else str(name_or_path)
+    gguf = smollm2_gguf() if name == DEFAULT_MODEL else Path(name).expanduser()
+    if gguf.is_file() and gguf.suffix == ".gguf":
+        return [gguf, gguf_cache_path(gguf)]
+    return [gguf] if gguf.exists() else []
+
+
+def weightless_model(model_dir: str | os.PathLike) -> PreTrainedModel:
+    """The causal LM of ``model_dir``'s config on the meta device: its shapes, with no weight read or
+    allocated (for checks before loading)."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
@@ -134,18 +180,19 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
 
 def load_model(
     name_or_path: str | os.PathLike | None = None,
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, in eval mode, on ``device`` with ``dtype``.
+    """Load a causal LM and its tokenizer, in eval mode, on ``device`` with ``dtype`` (default:
+    :func:`default_dtype` of ``device``: float32 on the CPU, bfloat16 on an accelerator).
 
     ``name_or_path``: ``None`` or ``"smollm2-135m"`` (embedded default), a local HF directory, a ``.gguf``
     file (de-quantized once and cached) or a Hugging Face Hub id. A missing path raises
     ``FileNotFoundError``; an unreachable Hub id raises ``FileNotFoundError`` naming the local alternatives.
     """
     src = resolve_model_dir(name_or_path)
-    torch_dtype = as_dtype(dtype)
+    torch_dtype = as_dtype(dtype, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(

@@ -127,6 +127,16 @@ def load_text(source: str, split: Split) -> str:
         return "\n\n".join(text for _, text, s in _wiki_vital_docs() if s == split)
     if source in ("wikitext2", "c4"):
         return _hub_text(source, split)
+    check_text_source(source)
+    return _local_text(Path(source).expanduser())
+
+
+def check_text_source(source: str) -> None:
+    """Refuse a text source that cannot be read, without reading it: ``FileNotFoundError`` for a name that
+    is neither built in nor an existing file, ``ValueError`` for a file that is not ``.txt``/``.jsonl``.
+    (Whether a Hub source is reachable shows only when it is loaded.)"""
+    if source in BUILTIN_SOURCES:
+        return
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -135,7 +145,6 @@ def load_text(source: str, split: Split) -> str:
         )
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"local text source must be a .txt or .jsonl file, got {path}")
-    return _local_text(path)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:

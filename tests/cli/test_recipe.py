@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from pg_pruning_plugin import SearchSpace
 from pg_pruning_plugin.cli import main
 from pg_pruning_plugin.cli.recipe import recipe_text
-from tests.helpers import QUANT_VOCAB, RECIPES
+from tests.helpers import QUANT_TINY, QUANT_VOCAB, RECIPES, save_tiny, word_tokenizer
 
 # the search shrunk for the test, as --set overrides
 FAST = {"steps": 3, "batch_size": 4, "init_batches": 2, "sparsity": 0.3, "attn_sparsity": 0.5}
@@ -71,3 +71,27 @@ def test_cli_refuses_an_unreachable_budget_before_loading(llmc_dir, tmp_path, ca
                  "--set", "granularity=depth", "--set", "sparsity=0.9"])
     assert code == 2 and not out.exists()
     assert "reachable: sparsity in (0, 0.8333]" in capsys.readouterr().err
+
+
+def test_cli_computes_in_float32_on_the_cpu_whatever_the_checkpoint(tmp_path, monkeypatch):
+    """A bfloat16 checkpoint (as the embedded model's cache is) is pruned in float32 on the CPU, as pg-prune
+    prune does; stock oneshot would use the checkpoint's bfloat16 (--precision auto)."""
+    monkeypatch.setenv("PG_PRUNING_CACHE", str(tmp_path / "cache"))
+    model_dir = tmp_path / "bf16"
+    save_tiny(model_dir, word_tokenizer(QUANT_VOCAB), **QUANT_TINY).to(torch.bfloat16).save_pretrained(model_dir)
+    assert json.loads((model_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"w{i % (QUANT_VOCAB - 3)}" for i in range(4000)))
+    args = ["recipe", str(RECIPES / "pg_prune.yaml"), "--model", str(model_dir), "--text", str(text),
+            "--output", str(tmp_path / "out"), "--num-samples", "16", "--seq-len", "32"]
+    assert main(args + [x for k, v in FAST.items() for x in ("--set", f"{k}={v}")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
+
+
+def test_cli_refuses_a_missing_text_file_before_loading(llmc_dir, tmp_path, capsys, monkeypatch):
+    import pg_pruning_plugin.cli.recipe as cli_recipe
+
+    monkeypatch.setattr(cli_recipe, "load_tokenizer", lambda *a, **k: pytest.fail("loaded before the text check"))
+    assert main(["recipe", str(RECIPES / "pg_prune.yaml"), "--model", str(llmc_dir), "--text",
+                 str(tmp_path / "missing.txt"), "--output", str(tmp_path / "out")]) == 2
+    assert "missing.txt' is neither a built-in source" in capsys.readouterr().err

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pg_pruning_plugin.resources.files import atomic_directory, atomic_file, check_output_dir, write_atomic
+from pg_pruning_plugin.resources.files import atomic_directory, atomic_file, write_atomic
 
 
 def test_atomic_file_replaces_or_keeps(tmp_path):
@@ -34,12 +34,3 @@ def test_atomic_directory_replaces_or_keeps_a_finished_copy(tmp_path):
     with atomic_directory(out) as tmp:
         (tmp / "new").write_text("x")
     assert sorted(os.listdir(out)) == ["new"]
-
-
-def test_check_output_dir(tmp_path):
-    (tmp_path / "exists").mkdir()
-    with pytest.raises(FileExistsError, match="overwrite"):
-        check_output_dir(tmp_path / "exists")
-    assert check_output_dir(tmp_path / "exists", overwrite=True) == (tmp_path / "exists").resolve()
-    with pytest.raises(ValueError, match="inside the input model directory"):
-        check_output_dir(tmp_path / "exists" / "out", input_dir=tmp_path / "exists")
