@@ -17,6 +17,8 @@ themselves are ``pg_pruning_plugin.integrations.torch_pruning`` and ``.llmcompre
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from .compat.llmcompressor import register_when_imported
@@ -34,6 +36,8 @@ _PUBLIC = {  # name -> the module that defines it
     "UnitMasks": ".core.units",
     "UnitScores": ".core.units",
     "UnitValues": ".core.units",
+    "RefitReport": ".refit",
+    "refit": ".refit",
     "load_model": ".resources.models",
     "calibration_blocks": ".resources.text",
     "METRICS": ".scoring.metrics",
@@ -53,6 +57,7 @@ __all__ = [
     "Budget",
     "BudgetError",
     "PolicyGradientSearch",
+    "RefitReport",
     "ResumeError",
     "SearchConfig",
     "SearchResult",
@@ -68,6 +73,7 @@ __all__ = [
     "load_pruned",
     "masked",
     "prune_model",
+    "refit",
     "save_pruned",
 ]
 
@@ -77,6 +83,7 @@ if TYPE_CHECKING:
     from .core.masking import masked
     from .core.removal import prune_model
     from .core.units import UnitMasks, UnitScores, UnitValues
+    from .refit import RefitReport, refit
     from .resources.models import load_model
     from .resources.text import calibration_blocks
     from .scoring.metrics import METRICS, compute_metric
@@ -95,6 +102,18 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_PUBLIC))
+
+
+class _Package(types.ModuleType):
+    """The package module: a subpackage imported later (``pg_pruning_plugin.refit``) does not rebind the public
+    name it shares (the function ``refit``), as with an eager ``from .refit import refit``."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if not (name in _PUBLIC and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 register_when_imported(f"{__name__}.integrations.llmcompressor.modifier")

@@ -30,6 +30,13 @@ def test_import_is_fast_and_quiet():
     assert proc.stdout.strip() == "[]" and proc.stderr == ""
 
 
+def test_a_public_name_shared_with_a_subpackage_stays_the_public_object():
+    out = _python("import pg_pruning_plugin.refit.lstsq\n"  # the subpackage first, then the name
+                  "from pg_pruning_plugin import refit\n"
+                  "print(callable(refit), refit.__module__)\n")
+    assert out.split()[0] == "True" and out.split()[1].startswith("pg_pruning_plugin.refit")
+
+
 def test_import_and_command_line_do_not_import_the_integrations():
     out = _python(
         "import sys, pg_pruning_plugin\n"
