@@ -4,19 +4,21 @@ The class holds the typed fields and the lifecycle; the rounding rules for group
 in ``widths.py``, the re-batching of the calibration data in ``calibration.py``, the llmcompressor
 workarounds in ``pg_pruning_plugin/compat/llmcompressor.py``. Importing this module registers the
 modifier with llmcompressor's ``ModifierFactory``; ``import pg_pruning_plugin`` arranges that import
-for the moment llmcompressor itself is imported.
+for the moment llmcompressor itself is imported. Like llmcompressor's own modifiers, the modifier
+logs through loguru's ``logger`` (llmcompressor's log), so a plain ``oneshot()`` script shows what
+was pruned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 
 import torch
 import torch.nn as nn
 from llmcompressor.core import State
 from llmcompressor.modifiers import Modifier, ModifierFactory
+from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from ...compat.llmcompressor import patch_save_pretrained
@@ -30,8 +32,6 @@ from .calibration import search_batches
 from .widths import later_group_sizes, quantizable_masks, width_multiples
 
 __all__ = ["PolicyGradientPruningModifier", "RecipeOrderError"]
-
-logger = logging.getLogger(__name__)
 
 
 class RecipeOrderError(ValueError):
@@ -162,7 +162,7 @@ class PolicyGradientPruningModifier(Modifier):
         config = self.search_config(round_to=mlp_multiple if mlp_multiple > 1 else None)
         Budget.of(space, config)  # BudgetError with the reachable range, before any data is read
         batches = search_batches(state.data.calib, config.batch_size, self.seq_len)
-        logger.info("policy-gradient search on %d cached batches of %s tokens", len(batches),
+        logger.info("policy-gradient search on {} cached batches of {} tokens", len(batches),
                     tuple(batches[0]["input_ids"].shape))
         params_before = count_parameters(model)
         with torch.no_grad():
@@ -173,8 +173,8 @@ class PolicyGradientPruningModifier(Modifier):
         self._result = result
         self._report = pruning_report(space, masks, search.budget, result, params=(params_before,
                                       count_parameters(model)), group_sizes=[g for _, g in group_sizes.values()])
-        logger.info("%s", self._report["summary"])
-        logger.info("%s", format_accounting(self._report["accounting"]))
+        logger.info("{}: {}", type(self).__name__, self._report["summary"])
+        logger.info("{}", format_accounting(self._report["accounting"]))
         return True
 
     def on_finalize(self, state: State, **kwargs) -> bool:

@@ -14,7 +14,6 @@ capped at the largest multiple within the layer's width.
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -24,6 +23,7 @@ from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import active_session
 from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+from loguru import logger
 
 from ...core.architectures import SearchSpace, projections
 from ...core.selection import nearest_multiple
@@ -32,7 +32,6 @@ from ...search.config import SearchResult
 
 __all__ = ["later_group_sizes", "quantizable_masks", "width_multiples"]
 
-logger = logging.getLogger(__name__)
 
 _GROUPED = (QuantizationStrategy.GROUP, QuantizationStrategy.TENSOR_GROUP)
 
@@ -98,8 +97,8 @@ def width_multiples(group_sizes: dict[str, tuple[nn.Module, int]], model: nn.Mod
                 f"has only {shape.intermediate_size} channels; use a smaller group size or round_to"
             )
     if group_sizes:
-        logger.info("group quantization later in the recipe (%s): kept MLP widths rounded to multiples of %d, "
-                    "kept KV groups per layer to multiples of %d", sorted({g for _, g in group_sizes.values()}),
+        logger.info("group quantization later in the recipe ({}): kept MLP widths rounded to multiples of {}, "
+                    "kept KV groups per layer to multiples of {}", sorted({g for _, g in group_sizes.values()}),
                     mlp_multiple, attn_multiple)
     return attn_multiple, mlp_multiple
 
