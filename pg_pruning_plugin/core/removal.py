@@ -146,8 +146,8 @@ def update_config(model: nn.Module) -> None:
     (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``) hold the widest layer's widths:
     every layer's when they are uniform, so stock ``from_pretrained`` loads the checkpoint, and otherwise a
     width some layer really has rather than the unpruned one (stock loaders then refuse the narrower layers'
-    weights; docs/serving.md). If the config class rejects those values (e.g. Llama requires
-    ``hidden_size % num_attention_heads == 0``) the fields stay as they were, with a warning.
+    weights; docs/serving.md). If the config class rejects those head counts (e.g. Llama requires
+    ``hidden_size % num_attention_heads == 0``) the head fields stay as they were, with a warning.
     """
     space = SearchSpace.from_model(model)
     config = model.config.get_text_config()
@@ -164,13 +164,14 @@ def update_config(model: nn.Module) -> None:
     config.head_dim = space.layers[0].head_dim
     config.pruned_layers = widths
     widest = {key: max(w[key] for w in widths) for key in widths[0]}
-    previous = {key: getattr(config, key) for key in widest}
+    heads = {key: getattr(config, key) for key in ("num_attention_heads", "num_key_value_heads")}
     for key, value in widest.items():
         setattr(config, key, value)
     try:
         config.validate()
     except Exception as exc:  # noqa: BLE001 - transformers raises several validation error types
-        logger.warning("widths %s are not a valid %s (%s); keeping the original fields, load the checkpoint with "
-                       "pg_pruning_plugin.load_pruned", widest, type(config).__name__, exc)
-        for key, value in previous.items():
+        logger.warning("%d query heads are not a valid %s (%s); keeping the original head counts, load the "
+                       "checkpoint with pg_pruning_plugin.load_pruned", widest["num_attention_heads"],
+                       type(config).__name__, exc)
+        for key, value in heads.items():
             setattr(config, key, value)

@@ -108,9 +108,9 @@ def _resave_gguf(gguf_path: Path, out_dir: Path) -> None:
 def _bpe_cleanup_off(model_dir: Path) -> None:
     """Record ``clean_up_tokenization_spaces: false`` in a cached GGUF copy's tokenizer config.
 
-    The GGUF tokenizer is byte-level BPE, for which transformers ignores the clean-up (it would strip spaces
-    before punctuation) and warns about it on every load; ``false`` is what it does anyway. Copies cached
-    before this was recorded are corrected on their next use.
+    GGUF tokenizers are BPE (byte-level or SentencePiece), for which transformers ignores the clean-up (it
+    would strip spaces before punctuation) and warns about it on every load; ``false`` is what it does
+    anyway. Copies cached before this was recorded are corrected on their next use.
     """
     path = model_dir / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))

@@ -124,7 +124,7 @@ def test_model_offloaded_before_oneshot_and_head_count_llama_rejects(llmc_dir, l
     """Torch-Pruning assigns new Parameters, which compressed-tensors' offload cache accepts.
 
     3 of 4 KV groups leave 6 query heads, which LlamaConfig refuses with hidden size 128: the saved
-    config keeps the original width fields and load_pruned builds the layers from pruned_layers.
+    config keeps the original head counts and load_pruned builds the layers from pruned_layers.
     """
     model = AutoModelForCausalLM.from_pretrained(llmc_dir, dtype=torch.float32)
     set_onload_device(model, "cpu")
@@ -139,6 +139,7 @@ def test_model_offloaded_before_oneshot_and_head_count_llama_rejects(llmc_dir, l
     model.save_pretrained(tmp_path / "out", save_compressed=True)
     saved = json.loads((tmp_path / "out" / "config.json").read_text())
     assert saved["num_attention_heads"] == 8 and [w["num_attention_heads"] for w in saved["pruned_layers"]] == [6, 6]
+    assert saved["intermediate_size"] == widths[0][1]  # the kept width, valid whatever the head count
     reloaded = load_pruned(tmp_path / "out")
     assert _widths(reloaded) == widths
     with torch.no_grad():

@@ -124,7 +124,10 @@ def test_widths_and_config(arch, out_root):
     assert (cfg_u.num_attention_heads, cfg_u.num_key_value_heads, cfg_u.intermediate_size) == \
         (u0.num_attention_heads, u0.num_kv_groups, u0.intermediate_size)
     assert cfg_u.head_dim == cfg_h.head_dim == s0.head_dim
-    assert cfg_h.num_attention_heads == cfg_0.num_attention_heads  # heterogeneous: per-layer list instead
+    assert cfg_h.intermediate_size == max(s.intermediate_size for s in het.layers)  # the widest layer's
+    widest_heads = (max(s.num_attention_heads for s in het.layers), max(s.num_kv_groups for s in het.layers))
+    original_heads = (cfg_0.num_attention_heads, cfg_0.num_key_value_heads)  # when the config class rejects those
+    assert (cfg_h.num_attention_heads, cfg_h.num_key_value_heads) in (widest_heads, original_heads)
     assert [w["intermediate_size"] for w in cfg_h.pruned_layers] == [s.intermediate_size for s in het.layers]
     for model in (c.het.model, c.uni.model):
         for module in model.modules():
