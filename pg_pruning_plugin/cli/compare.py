@@ -65,14 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fractions of the prunable (q/k/v/o/gate/up/down) parameters removed")
     p.add_argument("--methods", nargs="+", choices=(*BASELINES, "search"), default=[*PARAM_MATCHED, "search"],
                    metavar="METHOD",
-                   help=f"baselines to run, and 'search' for the search rows (default: {' '.join(PARAM_MATCHED)} "
-                        f"search; also: wanda-sp-units, the authors' per-layer unit-count mask, not parameter-matched)")
+                   help="baselines to run, and 'search' for the search rows (wanda-sp-units, the authors' per-layer "
+                        "unit-count mask, is not parameter-matched and not in the default)")
     configs = search_configs()
     p.add_argument("--search-configs", nargs="+", choices=configs, default=list(configs), metavar="NAME",
-                   help=f"search configurations (SearchConfig presets), one row each (default all: "
-                        f"{' '.join(configs)})")
+                   help="search configurations (SearchConfig presets, the default one first), one row each")
     p.add_argument("--refit", nargs="+", choices=REFIT_METHODS, default=list(REFIT_METHODS),
-                   help="weight refit options applied to every method's masks (default all)")
+                   help="weight refit options, each applied to every method's masks")
     p.add_argument("--damping", type=float, default=0.01, help="lstsq refit damping (fraction of the mean diagonal)")
     c = p.add_argument_group("calibration (the same blocks for every method, the search and the refit)")
     c.add_argument("--calib-text", default=DEFAULT_TEXT, help="calibration source (its calib split)")
@@ -92,7 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="first N 2048-token windows (default: all; 0 skips PPL@2048)")
     e.add_argument("--zero-shot-rows", nargs="+", choices=ZERO_SHOT_ROLES, default=list(ZERO_SHOT_ROLES),
                    help="rows that get zero-shot: dense, the best baseline per ratio (by PPL@128, best refit), "
-                        "each search configuration with its best refit (default all)")
+                        "each search configuration with its best refit")
     e.add_argument("--tasks", nargs="+", default=["paper"],
                    help="zero-shot tasks ('paper' = boolq piqa hellaswag winogrande arc_easy arc_challenge "
                         "openbookqa)")
