@@ -162,9 +162,9 @@ def refit(
     layers = decoder_layers(model)
     peak = 0
     with eval_mode(model):
-        stream = LayerStream(model, batches)
-        dense = stream.copy() if target == "dense-input" else None
-        report.tokens = stream.num_tokens
+        stream = None if method == "none" else LayerStream(model, batches)  # "none" needs no statistics
+        dense = stream.copy() if stream is not None and target == "dense-input" else None
+        report.tokens = 0 if stream is None else stream.num_tokens
         for i in tqdm(range(space.num_layers), desc=f"refit ({method})", disable=not progress, leave=False):
             shape = space.layers[i]
             attn, mlp = getattr(layers[i], spec.attention), getattr(layers[i], spec.mlp)
@@ -193,7 +193,8 @@ def refit(
                                        "tokens for a well-conditioned refit", i, name, stats.tokens, kept.numel(),
                                        kept.numel())
                     report.projections.append(_refit_projection(linear, stats, kept, method, damping, i, name))
-            stream.advance(i)
+            if stream is not None:
+                stream.advance(i)
     report.seconds = time.perf_counter() - start
     report.peak_statistics_mib = peak / 2**20
     return report
