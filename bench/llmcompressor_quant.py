@@ -47,16 +47,22 @@ def recipe_arguments(recipe: str, overrides: list[str], args: argparse.Namespace
 
 
 def run_logged(argv: list[str], log: Path) -> None:
-    """``pg-prune ARGV`` in this process, its log records written to ``log``."""
+    """``pg-prune ARGV`` in this process, its log records written to ``log``: the package's (logging) and
+    llmcompressor's and the modifier's (loguru)."""
+    import llmcompressor  # noqa: F401 - its first import reconfigures loguru, removing every sink
+    from loguru import logger as loguru_logger
+
     handler = logging.FileHandler(log, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root, level = logging.getLogger(), logging.getLogger().level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    sink = loguru_logger.add(handler.stream, level="INFO", format="{time:HH:mm:ss} {level} {name}: {message}")
     try:
         if pg_prune(argv) != 0:
             raise RuntimeError(f"pg-prune {' '.join(argv)} failed; see {log}")
     finally:
+        loguru_logger.remove(sink)
         root.removeHandler(handler)
         root.setLevel(level)
         handler.close()
