@@ -78,27 +78,29 @@ def _command_of(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = _command_of(argv)
-    args = build_parser([command] if command else []).parse_args(argv)
-    if args.command is None:
-        build_parser([]).print_help()
-        return 2
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    module = command_module(args.command)
+    args = module = None
     try:
+        command = _command_of(argv)
+        args = build_parser([command] if command else []).parse_args(argv)
+        if args.command is None:
+            build_parser([]).print_help()
+            return 2
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        module = command_module(args.command)
         return module.run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # anywhere, imports included: one line, no traceback
         explain = getattr(module, "interrupted", None)
-        print(f"pg-prune {args.command}: {explain(args, argv) if explain else 'interrupted'}", file=sys.stderr)
+        prog = f"pg-prune {args.command}" if args is not None and args.command else "pg-prune"
+        print(f"{prog}: {explain(args, argv) if explain else 'interrupted'}", file=sys.stderr)
         return 130
     except Exception as exc:
         from ..resources.text import TextSourceUnavailable
 
-        if args.verbose or not isinstance(exc, (*USER_ERRORS, TextSourceUnavailable)):
+        if args is None or args.verbose or not isinstance(exc, (*USER_ERRORS, TextSourceUnavailable)):
             raise
         print(f"pg-prune {args.command}: error: {exc}", file=sys.stderr)
         return 2
