@@ -24,15 +24,17 @@ class SingularSystemError(RuntimeError):
 
 
 def lstsq_weights(weight: torch.Tensor, gram: torch.Tensor, kept: torch.Tensor, damping: float = 0.01,
-                  cross: torch.Tensor | None = None, retries: int = 3) -> torch.Tensor:
+                  cross: torch.Tensor | None = None, retries: int = 3,
+                  projected: torch.Tensor | None = None) -> torch.Tensor:
     """``W C[:, k] (H_kk + λI)⁻¹`` in float64: ``[out, |k|]`` (see the module docstring).
 
     ``weight``: ``[out, n]``; ``gram``: ``H = Σ x xᵀ``, ``[n, n]``; ``kept``: ``[|k|]`` column indices;
-    ``cross``: ``C = Σ x_ref xᵀ`` when the target is ``W x_ref`` rather than ``W x`` (default: ``C = H``).
+    ``cross``: ``C = Σ x_ref xᵀ`` when the target is ``W x_ref`` rather than ``W x`` (default: ``C = H``);
+    ``projected``: ``W C`` (``[out, n]``, float64) when several kept sets of one projection are fitted.
     """
     w = weight.detach().to(gram.device, torch.float64)
     h_kk = gram[kept][:, kept]  # [k, k]
-    rhs = w @ (gram if cross is None else cross)[:, kept]  # [out, k]
+    rhs = w @ (gram if cross is None else cross)[:, kept] if projected is None else projected[:, kept]  # [out, k]
     scale = float(h_kk.diagonal().mean())
     if not scale > 0:  # the kept channels carry no signal: nothing to reconstruct from
         return w[:, kept]
