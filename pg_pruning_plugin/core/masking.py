@@ -2,7 +2,8 @@
 
 A mask zeroes a KV group's slice of the ``o_proj`` input and an MLP channel's entry of the
 ``down_proj`` input (method.md §2.2), so a masked model computes exactly what the physically
-pruned model computes. Hooks are removed when the context exits, also on error.
+pruned model computes. Hooks are removed when the context exits, also on error. A mask moves to the
+device each projection's input is on, so models dispatched by accelerate (offloaded layers too) work.
 
 Blocks whose mask keeps every unit get no hook, so an all-ones mask costs nothing.
 Several mask samples can share one forward: with ``S`` samples the batch is sample-major,
@@ -23,12 +24,16 @@ from .units import UnitMasks, UnitValues
 __all__ = ["masked"]
 
 
-def _scale_input(mask: torch.Tensor):
-    """Pre-hook multiplying the last dim of the input by ``mask`` ([S, C]), per sample block."""
+def _scale_input(mask: torch.Tensor, dtype: torch.dtype):
+    """Pre-hook multiplying the last dim of the input by ``mask`` ([S, C], as ``dtype``), per sample block; the
+    mask goes to the device of the input (an accelerate dispatch decides where each layer runs)."""
+    on_device: dict[torch.device, torch.Tensor] = {}
 
     def hook(module: nn.Module, args: tuple) -> tuple:
         x = args[0]
-        shaped = x.reshape(mask.shape[0], -1, x.shape[-1]) * mask[:, None, :]  # [S, B·T, C]
+        if x.device not in on_device:
+            on_device[x.device] = mask.to(x.device, dtype)
+        shaped = x.reshape(mask.shape[0], -1, x.shape[-1]) * on_device[x.device][:, None, :]  # [S, B·T, C]
         return (shaped.reshape(x.shape), *args[1:])
 
     return hook
@@ -49,10 +54,10 @@ def masked(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValues) 
             mlp_mask = masks.mlp[:, space.mlp_slice(i)]  # [S, I]
             o_proj = getattr(getattr(layer, spec.attention), spec.o)
             down_proj = getattr(getattr(layer, spec.mlp), spec.down)
-            weight = o_proj.weight
+            dtype = o_proj.weight.dtype
             for module, mask in ((o_proj, attn_mask), (down_proj, mlp_mask)):
                 if not bool((mask == 1).all()):  # a block that keeps every unit runs exactly as the dense one
-                    handles.append(module.register_forward_pre_hook(_scale_input(mask.to(weight.device, weight.dtype))))
+                    handles.append(module.register_forward_pre_hook(_scale_input(mask, dtype)))
         yield model
     finally:
         for h in handles:

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .offload import execution_device
+
 __all__ = ["IGNORE_INDEX", "eval_mode", "model_device", "next_token_losses"]
 
 IGNORE_INDEX = -100  # label of a position that is not scored (padding)
@@ -26,11 +28,9 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a model without parameters)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """The device the model's inputs go to: the main device of an accelerate dispatch, else the device of the
+    model's first parameter (CPU for a model without parameters)."""
+    return execution_device(model)
 
 
 def next_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import LayerShape, SearchSpace, architecture_of, decoder_layers
+from .offload import onloaded
 from .slicing import UNIT_AXES, kept_indices, slice_projection
 from .units import UnitValues
 
@@ -76,7 +77,9 @@ def prune_model(model: nn.Module, masks: UnitValues) -> nn.Module:
     """Remove every unit (and block) whose mask is 0, in place, and update the config; returns ``model``.
 
     The result computes the same logits as ``model`` under :func:`~pg_pruning_plugin.core.masking.masked`
-    with ``masks``.
+    with ``masks``. Each projection is sliced on its own device; the sliced weights of a projection that
+    accelerate offloads are written back to its offload store (core/offload.py), so the dispatched model
+    runs and saves at its new widths.
     """
     space = SearchSpace.from_model(model)
     if masks.attn.numel() != space.num_attn_units or masks.mlp.numel() != space.num_mlp_units:
@@ -105,7 +108,9 @@ def prune_model(model: nn.Module, masks: UnitValues) -> nn.Module:
                              channels if 0 < kept.intermediate_size < shape.intermediate_size else None)
         for role, (kind, dim) in UNIT_AXES.items():
             if kind in index:
-                slice_projection(getattr(getattr(layer, spec.block_of(role)), getattr(spec, role)), index[kind], dim)
+                linear = getattr(getattr(layer, spec.block_of(role)), getattr(spec, role))
+                with onloaded(linear, write=True):  # an offloaded projection is sliced where accelerate keeps it
+                    slice_projection(linear, index[kind], dim)
     if any(drop_attn) or any(drop_mlp):
         remove_blocks(model, drop_attn, drop_mlp)
     update_config(model)

@@ -12,6 +12,9 @@ unchanged and the attention reshapes with ``-1`` heads adapt to the narrower pro
   bias, or exactly zero without one, as the masked-multiply path does.
 * The original parameters, hooks and ``forward`` attributes are restored when the context exits,
   also on error: afterwards the model is exactly as before.
+* Under an accelerate dispatch the kept indices live on each layer's execution device, and an
+  offloaded projection is loaded by its own accelerate hook (core/offload.py) for the duration of its
+  layer's forward, then sliced.
 
 The losses equal those of :func:`pg_pruning_plugin.core.masking.masked` up to float rounding
 (fewer terms in each sum), at the cost of the kept fraction of the prunable matmuls.
@@ -24,13 +27,14 @@ output bias) for the duration of the forward: the refitted weights of a candidat
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 
 from .architectures import SearchSpace, decoder_layers
+from .offload import execution_device, onloaded
 from .slicing import UNIT_AXES, kept_indices, sliced_parameter
 from .units import UnitMasks, UnitValues
 
@@ -83,7 +87,8 @@ def _constant_forward(projection: nn.Linear, returns_tuple: bool):
         hidden = args[0] if args else kwargs["hidden_states"]
         out = hidden.new_zeros(*hidden.shape[:-1], projection.out_features)
         if projection.bias is not None:
-            out = out + projection.bias
+            with onloaded(projection):
+                out = out + projection.bias.to(out.device)
         return (out, None) if returns_tuple else out
 
     return forward
@@ -116,26 +121,30 @@ def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValu
         overridden.append((module, module.__dict__.get("forward")))
         module.forward = _constant_forward(projection, returns_tuple)
 
+    onloads = ExitStack()  # offloaded projections whose weights are on their device while their layer runs
+
     def swap_in(blocks: dict[str, nn.Module], index: dict[str, torch.Tensor], layer: int):
         def hook(module, args):
             for role, (kind, dim) in UNIT_AXES.items():
                 if kind in index:
                     unit = "mlp" if kind == "mlp" else "attn"
                     replacement = outputs.get((layer, unit)) if outputs and dim == 1 else None
-                    _swap(swapped, getattr(blocks[spec.block_of(role)], getattr(spec, role)), index[kind], dim,
-                          replacement)
+                    linear = getattr(blocks[spec.block_of(role)], getattr(spec, role))
+                    onloads.enter_context(onloaded(linear))
+                    _swap(swapped, linear, index[kind], dim, replacement)
 
         return hook
 
     def swap_out(module, args, output):
         _restore(swapped)
+        onloads.close()
 
     try:
         for i, layer in enumerate(decoder_layers(model)):
             shape = space.layers[i]
             attn = getattr(layer, spec.attention)
             mlp = getattr(layer, spec.mlp)
-            device = getattr(attn, spec.q).weight.device
+            device = execution_device(getattr(attn, spec.q))
             groups = _kept(masks.attn[0, space.attn_slice(i)]).to(device)
             channels = _kept(masks.mlp[0, space.mlp_slice(i)]).to(device)
             kept_groups = kept_channels = None
@@ -157,6 +166,7 @@ def subnetwork(model: nn.Module, space: SearchSpace, masks: UnitMasks | UnitValu
         for h in handles:
             h.remove()
         _restore(swapped)
+        onloads.close()
         for module, own_forward in reversed(overridden):
             if own_forward is None:
                 del module.forward

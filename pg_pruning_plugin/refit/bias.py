@@ -16,11 +16,13 @@ import logging
 import torch
 import torch.nn as nn
 
+from ..core import distributed
 from ..core.architectures import SearchSpace, decoder_layers
 from ..core.modeling import eval_mode, model_device
+from ..core.offload import onloaded
 from ..core.subnetwork import OutputWeights
 from ..core.units import UnitValues
-from .statistics import InputStatistics
+from .statistics import InputStatistics, all_reduce
 
 __all__ = ["BIAS_SWITCHES", "add_output_bias", "bias_outputs", "enable_output_biases", "output_input_means"]
 
@@ -32,8 +34,10 @@ BIAS_SWITCHES = {"llama": ("attention_bias", "mlp_bias")}
 
 def _ensure_bias(linear: nn.Linear) -> None:
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=linear.weight.device,
-                                               dtype=linear.weight.dtype), requires_grad=linear.weight.requires_grad)
+        with onloaded(linear, write=True):  # an offloaded projection's new bias goes into accelerate's store
+            weight = linear.weight
+            linear.bias = nn.Parameter(torch.zeros(linear.out_features, device=weight.device, dtype=weight.dtype),
+                                       requires_grad=weight.requires_grad)
 
 
 def enable_output_biases(model: nn.Module) -> None:
@@ -70,7 +74,8 @@ def add_output_bias(linear: nn.Linear, value: torch.Tensor) -> None:
 @torch.no_grad()
 def output_input_means(model: nn.Module, space: SearchSpace,
                        batches: list[dict[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``E[x]`` of every layer's ``o_proj`` and ``down_proj`` input on the dense model, ``[(o, down)]`` per layer."""
+    """``E[x]`` of every layer's ``o_proj`` and ``down_proj`` input on the dense model, ``[(o, down)]`` per layer
+    (under a process group: each rank runs its shard of ``batches`` and the sums are added over the ranks)."""
     spec = space.spec
     stats = [(InputStatistics(getattr(getattr(layer, spec.attention), spec.o)),
               InputStatistics(getattr(getattr(layer, spec.mlp), spec.down))) for layer in decoder_layers(model)]
@@ -80,12 +85,13 @@ def output_input_means(model: nn.Module, space: SearchSpace,
             s.__enter__()
     try:
         with eval_mode(model):
-            for batch in batches:
+            for batch in distributed.shard(batches):
                 model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
     finally:
         for pair in stats:
             for s in pair:
                 s.__exit__(None, None, None)
+    all_reduce([s for pair in stats for s in pair])
     return [(o.mean, down.mean) for o, down in stats]
 
 

@@ -25,6 +25,10 @@ output on the *pruned* model's inputs (``target="pruned-input"``, as Týr-the-Pr
 ``target="dense-input"`` fits the dense model's own output instead, which also asks each layer to
 undo the errors of earlier layers (measured worse, docs/refit.md). ``lstsq`` changes only the values
 of existing weights, so a refitted model saves and loads exactly like an unrefitted one.
+
+Under a process group every rank passes the same calibration, streams its shard of it and the
+statistics are summed over the ranks (refit/statistics.py), so every rank writes the same weights.
+Projections that accelerate offloads are refit where accelerate keeps them (core/offload.py).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from tqdm.auto import tqdm
 
 from ..core.architectures import SearchSpace, decoder_layers
 from ..core.modeling import eval_mode
+from ..core.offload import onloaded
 from ..core.units import UnitValues
 from .bias import add_output_bias, enable_output_biases
 from .lstsq import lstsq_weights, relative_error
@@ -126,11 +131,12 @@ def _kept_columns(mask: torch.Tensor, width_per_unit: int) -> torch.Tensor:
 @torch.no_grad()
 def _write_columns(linear: nn.Linear, kept: torch.Tensor, values: torch.Tensor | None) -> None:
     """Zero every input column of ``linear`` except ``kept``; with ``values`` ([out, |kept|]) write those."""
-    weight = linear.weight
-    new = torch.zeros_like(weight)
-    kept = kept.to(weight.device)
-    new[:, kept] = weight[:, kept] if values is None else values.to(weight.device, weight.dtype)
-    weight.copy_(new)
+    with onloaded(linear, write=True):  # an offloaded projection is rewritten in accelerate's store
+        weight = linear.weight
+        new = torch.zeros_like(weight)
+        kept = kept.to(weight.device)
+        new[:, kept] = weight[:, kept] if values is None else values.to(weight.device, weight.dtype)
+        weight.copy_(new)
 
 
 def refit(
@@ -203,6 +209,12 @@ def refit(
 def _refit_projection(linear: nn.Linear, stats: InputStatistics, kept: torch.Tensor, method: str, damping: float,
                       layer: int, name: str) -> ProjectionRefit:
     """Refit one projection from its statistics; the refit is kept only if it lowers the calibration error."""
+    with onloaded(linear, write=True):  # an offloaded projection is read and rewritten through accelerate's hook
+        return _fit_projection(linear, stats, kept, method, damping, layer, name)
+
+
+def _fit_projection(linear: nn.Linear, stats: InputStatistics, kept: torch.Tensor, method: str, damping: float,
+                    layer: int, name: str) -> ProjectionRefit:
     gram, cross, reference_gram = stats.gram, stats.cross, stats.reference_gram
     kept = kept.to(gram.device)
     weight = linear.weight.detach().to(gram.device, torch.float64)

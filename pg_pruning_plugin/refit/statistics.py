@@ -11,6 +11,12 @@ layer ``i + 1`` are those of the model pruned up to layer ``i`` (sequential stat
 :class:`InputStatistics` accumulates, for one ``nn.Linear``, the sum ``Σ x`` and the Gram matrix
 ``H = Σ x xᵀ`` of its input rows over all calibration tokens on the module's device: each forward call's
 products in float32, their sum in float64.
+
+Under a process group (core/distributed.py) every rank passes the same batches; a stream keeps only
+this rank's contiguous shard of them, so the statistics a caller accumulates are its shard's until
+:meth:`InputStatistics.all_reduce` (or :func:`all_reduce`) sums them over the ranks, one collective
+per call. Under an accelerate dispatch each layer runs on its execution device and statistics live
+there (core/offload.py).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from contextlib import contextmanager, suppress
 import torch
 import torch.nn as nn
 
+from ..core import distributed
 from ..core.architectures import decoder_layers
+from ..core.offload import execution_device
 
-__all__ = ["InputStatistics", "LayerStream", "NonFiniteActivationError"]
+__all__ = ["InputStatistics", "LayerStream", "NonFiniteActivationError", "all_reduce"]
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -45,7 +53,7 @@ class InputStatistics:
 
     def __init__(self, module: nn.Linear, name: str = "", reference: Sequence[torch.Tensor] | None = None):
         self.module, self.name, self.reference = module, name, reference
-        device = module.weight.device
+        device = execution_device(module)
         n = module.in_features
         self.sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.gram = torch.zeros(n, n, dtype=torch.float64, device=device)  # H, [n, n]
@@ -83,45 +91,56 @@ class InputStatistics:
 
     def all_reduce(self) -> None:
         """Sum the statistics over the ranks of the default process group (no-op without one)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            count = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.gram.device)
-            tensors = [self.sum, self.gram, count] + [t for t in (self.cross, self.reference_gram) if t is not None]
-            for t in tensors:
-                torch.distributed.all_reduce(t)
-            self.tokens = int(count.item())
+        all_reduce([self])
+
+
+def all_reduce(stats: Sequence[InputStatistics]) -> None:
+    """Sum every statistic of ``stats`` over the ranks in one collective (no-op without a process group)."""
+    if not distributed.is_distributed():
+        return
+    counts = [torch.tensor([float(s.tokens)], dtype=torch.float64, device=s.gram.device) for s in stats]
+    tensors = [t for s, count in zip(stats, counts)
+               for t in (s.sum, s.gram, count, s.cross, s.reference_gram) if t is not None]
+    names = ", ".join(s.name or "a projection" for s in stats)
+    distributed.all_reduce_stats(tensors, f"the input statistics of {names}")
+    for s, count in zip(stats, counts):
+        s.tokens = int(count.item())
 
 
 def _layer_device(layer: nn.Module) -> torch.device:
-    for p in layer.parameters():
-        return p.device
-    return torch.device("cpu")
+    return execution_device(layer)
 
 
 class LayerStream:
     """Hidden states of calibration batches between decoder layers (see the module docstring).
 
     ``batches``: ``[B, T]`` token-id tensors (or dicts with ``input_ids`` and an optional
-    ``attention_mask``). Memory: one ``[B, T, hidden]`` tensor per batch, on each layer's device.
+    ``attention_mask``), the same on every rank; the stream runs this rank's shard of them (module
+    docstring). Memory: one ``[B, T, hidden]`` tensor per batch of the shard, on each layer's device.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor | dict[str, torch.Tensor]]):
         if not batches:
             raise ValueError("no calibration batches given")
+        batches = [b if isinstance(b, dict) else {"input_ids": b} for b in batches]
         self.layers = decoder_layers(model)
         self.hidden: list[torch.Tensor] = []
         self.kwargs: list[list[tuple[tuple, dict]]] = []  # [batch][layer] -> (extra positional args, kwargs)
-        self._capture(model, [b if isinstance(b, dict) else {"input_ids": b} for b in batches])
+        self.total_tokens = sum(int(b["input_ids"].numel()) for b in batches)  # over all ranks' shards
+        self._capture(model, distributed.shard(batches))
 
     def copy(self) -> LayerStream:
         """A stream at the same position that advances independently (the hidden states are shared until
         one of the two advances)."""
         other = object.__new__(LayerStream)
         other.layers, other.hidden, other.kwargs = self.layers, list(self.hidden), self.kwargs
+        other.total_tokens = self.total_tokens
         return other
 
     @property
     def num_tokens(self) -> int:
-        return sum(int(h.shape[:-1].numel()) for h in self.hidden)
+        """Calibration tokens of all the batches (of every rank's shard)."""
+        return self.total_tokens
 
     def _capture(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
         """Layer 0's input of every batch, and every layer's keyword arguments. The first batch runs the whole

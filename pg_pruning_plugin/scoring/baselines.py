@@ -53,6 +53,11 @@ the parameters of one KV group and one MLP channel, each structure meets the bud
   it removes less (SmolLM2 at 30 %: no KV group and 460 of 1,536 channels, 22.46 % of ``P``). It is not
   in :data:`PARAM_MATCHED`.
 
+Under a process group (core/distributed.py) the data-driven statistics are computed on calibration
+shards: every rank passes the same ``batches``, runs its shard, and the sums (FLAP's statistics, block
+influence, Wanda-sp's statistics, Taylor's gradients) are added over the ranks, so every rank selects
+the same masks.
+
 Depth masks for a given number of blocks (compare with ``SearchConfig(granularity="depth")``):
 :func:`block_influence_masks` removes the attention and MLP blocks of lowest influence,
 :func:`layer_influence_masks` whole decoder layers (ShortGPT itself).
@@ -68,14 +73,17 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..core import distributed
 from ..core.architectures import SearchSpace, decoder_layers, projections
 from ..core.modeling import eval_mode, model_device, next_token_losses
+from ..core.offload import is_offloaded, onloaded
 from ..core.removal import kept_space
 from ..core.selection import removed_count, top_k_mask
 from ..core.units import UnitValues
 from .metrics import (
     BlockInfluence,
     InputStats,
+    all_reduce_input_stats,
     block_influence,
     compute_metric,
     unit_weight_sums,
@@ -257,16 +265,19 @@ def flap_statistics(model: nn.Module, batches: Sequence[torch.Tensor], progress:
     device = model_device(model)
     try:
         with eval_mode(model):
-            for ids in tqdm(batches, desc="FLAP statistics", disable=not progress, leave=False):
+            for ids in tqdm(distributed.shard(batches), desc="FLAP statistics", disable=not progress, leave=False):
                 model(input_ids=ids.to(device), use_cache=False)
     finally:
         for pair in stats:
             for s in pair:
                 s.handle.remove()
-    return FlapStatistics(
-        attn_metric=[weighted_input_variance(so, o.weight) ** 2 for (so, _), (o, _) in zip(stats, outputs)],
-        mlp_metric=[weighted_input_variance(sd, d.weight) for (_, sd), (_, d) in zip(stats, outputs)],
-    )
+    attn_metric, mlp_metric = [], []
+    for i, ((so, sd), (o, d)) in enumerate(zip(stats, outputs)):
+        all_reduce_input_stats([so, sd], f"the FLAP statistics of layer {i}")
+        with onloaded(o), onloaded(d):
+            attn_metric.append(weighted_input_variance(so, o.weight) ** 2)
+            mlp_metric.append(weighted_input_variance(sd, d.weight))
+    return FlapStatistics(attn_metric=attn_metric, mlp_metric=mlp_metric)
 
 
 def _standardise(x: torch.Tensor) -> torch.Tensor:
@@ -289,10 +300,19 @@ def taylor_scores(model: nn.Module, batches: Sequence[torch.Tensor], progress: b
     ``L`` is the mean over ``batches`` of each batch's mean next-token cross-entropy; only the
     q/k/v/o/gate/up/down weights get gradients. The model's ``requires_grad`` flags and ``.grad``
     fields are restored afterwards. Memory: activations of one batch for backprop plus one gradient
-    per projection weight.
+    per projection weight. Under a process group each rank back-propagates its shard of ``batches``
+    and the gradients are summed over the ranks (one collective per layer). A model whose projections
+    accelerate offloads is refused: its hooks replace the weights after every forward, so no gradient
+    would accumulate.
     """
     if not batches:
         raise ValueError("Taylor importance needs calibration batches")
+    offloaded = [p.name for p in projections(model) if is_offloaded(p.linear)]
+    if offloaded:
+        raise ValueError(f"Taylor importance needs the gradients of the projection weights, but accelerate offloads "
+                         f"{offloaded[0]} (and {len(offloaded) - 1} more), and its hooks drop the weights after every "
+                         f"forward. Dispatch the model without cpu/disk offload (a device_map over GPUs only), or use "
+                         f"a forward-only baseline (wanda-sp, flap, magnitude)")
     space = SearchSpace.from_model(model)
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
@@ -305,17 +325,31 @@ def taylor_scores(model: nn.Module, batches: Sequence[torch.Tensor], progress: b
         for projection in projections(model):
             projection.linear.weight.requires_grad_(True)
         with eval_mode(model), torch.enable_grad():
-            for ids in tqdm(batches, desc="Taylor gradients", disable=not progress, leave=False):
+            for ids in tqdm(distributed.shard(batches), desc="Taylor gradients", disable=not progress, leave=False):
                 ids = ids.to(device)
                 loss = next_token_losses(model(input_ids=ids, use_cache=False).logits, ids).mean()
                 (loss / len(batches)).backward()
                 del loss
+        if distributed.is_distributed():
+            for layer, group in enumerate(_projection_grads(model)):
+                distributed.all_reduce_stats(group, f"the Taylor gradients of layer {layer}")
         scores = unit_weight_sums(model, space, _first_order_saliency)
     finally:
         for p, flag, grad in zip(params, flags, old_grads):
             p.grad = grad
             p.requires_grad_(flag)
     return scores.map(torch.Tensor.float)
+
+
+def _projection_grads(model: nn.Module) -> list[list[torch.Tensor]]:
+    """The projection weights' gradients, per decoder layer (a rank without batches has zero gradients)."""
+    layers: dict[int, list[torch.Tensor]] = {}
+    for projection in projections(model):
+        weight = projection.linear.weight
+        if weight.grad is None:
+            weight.grad = torch.zeros_like(weight)
+        layers.setdefault(projection.layer, []).append(weight.grad)
+    return [layers[i] for i in sorted(layers)]
 
 
 def _first_order_saliency(linear: nn.Linear) -> torch.Tensor:

@@ -13,6 +13,11 @@
 * ``random``: standard-normal noise (seeded); ``constant``: all equal.
 
 Higher means more important everywhere.
+
+Under a process group (core/distributed.py) every rank passes the same calibration batches, runs its
+contiguous shard of them, and the statistics are summed over the ranks (one collective per layer for
+the layer-by-layer metrics, one for block influence), so every rank returns the metric of all the
+text. Weights of projections that accelerate offloads are read through their hooks (core/offload.py).
 """
 
 from __future__ import annotations
@@ -25,9 +30,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..core import distributed
 from ..core.architectures import SearchSpace, decoder_layers
 from ..core.masking import masked
 from ..core.modeling import eval_mode, model_device
+from ..core.offload import onloaded
 from ..core.selection import top_k_mask
 from ..core.units import UnitValues
 
@@ -63,6 +70,17 @@ class InputStats:
         return (self.sq / max(self.tokens, 1) - mean * mean).clamp_min(0)
 
 
+def all_reduce_input_stats(stats: Sequence[InputStats], what: str = "input statistics") -> None:
+    """Sum ``stats`` (their sums, squares and token counts) over the ranks in one collective; no-op without
+    a process group."""
+    if not distributed.is_distributed():
+        return
+    counts = torch.tensor([float(s.tokens) for s in stats], dtype=torch.float64)
+    distributed.all_reduce_stats([t for s in stats for t in (s.sum, s.sq)] + [counts], what)
+    for s, count in zip(stats, counts.tolist()):
+        s.tokens = int(count)
+
+
 def weighted_input_variance(stats: InputStats, weight: torch.Tensor) -> torch.Tensor:
     """FLAP's per-input-channel metric ``Var_t(x_c) · ‖W_{:,c}‖²`` (float64), from a Linear's input statistics."""
     return stats.variance() * weight.detach().double().cpu().pow(2).sum(0)
@@ -90,7 +108,8 @@ def unit_weight_sums(model: nn.Module, space: SearchSpace,
         n_kv = shape.num_kv_groups
 
         def summed(linear: nn.Linear, dim: int) -> torch.Tensor:
-            return value(linear).double().cpu().sum(dim)
+            with onloaded(linear):
+                return value(linear).double().cpu().sum(dim)
 
         attn.append(sum(summed(getattr(a, name), 1).view(n_kv, -1).sum(1) for name in (spec.q, spec.k, spec.v))
                     + summed(getattr(a, spec.o), 0).view(n_kv, -1).sum(1))
@@ -142,9 +161,10 @@ def compute_metric(
 ) -> UnitValues:
     """Per-unit importance of ``method`` (one of :data:`METRICS`).
 
-    Activation metrics need calibration ``batches`` (``[B, T]`` token ids) and use ``keep_ratio``
-    for the per-layer init mask applied to earlier layers while later layers are measured;
-    ``mlp_keep_ratio`` (default ``keep_ratio``) is the MLP channels' share in that mask.
+    Activation metrics need calibration ``batches`` (``[B, T]`` token ids; under a process group the
+    same on every rank, each rank measuring its shard) and use ``keep_ratio`` for the per-layer init
+    mask applied to earlier layers while later layers are measured; ``mlp_keep_ratio`` (default
+    ``keep_ratio``) is the MLP channels' share in that mask.
     """
     if method not in METRICS:
         raise ValueError(f"unknown init metric {method!r}; choose one of {', '.join(METRICS)}")
@@ -167,7 +187,7 @@ def _layerwise_metric(model: nn.Module, space: SearchSpace, method: str, batches
                       keep_ratio: float, mlp_keep_ratio: float, progress: bool) -> UnitValues:
     """An activation metric measured layer by layer, each layer seeing the earlier ones under their init mask."""
     spec = space.spec
-    hidden, layer_kwargs = _capture_layer_inputs(model, batches)
+    hidden, layer_kwargs = _capture_layer_inputs(model, distributed.shard(batches))
     attn_scores, mlp_scores = [], []
     layers = decoder_layers(model)
     for i, layer in enumerate(tqdm(layers, desc=f"{method} metric", disable=not progress, leave=False)):
@@ -182,9 +202,11 @@ def _layerwise_metric(model: nn.Module, space: SearchSpace, method: str, batches
         finally:
             o_stats.handle.remove()
             down_stats.handle.remove()
-        attn = _group_heads(_per_channel(method, o_stats, o_proj.weight), shape.num_kv_groups,
-                            shape.queries_per_group, shape.head_dim)
-        mlp = _per_channel(method, down_stats, down_proj.weight)
+        all_reduce_input_stats([o_stats, down_stats], f"the {method} statistics of layer {i}")
+        with onloaded(o_proj), onloaded(down_proj):
+            attn = _group_heads(_per_channel(method, o_stats, o_proj.weight), shape.num_kv_groups,
+                                shape.queries_per_group, shape.head_dim)
+            mlp = _per_channel(method, down_stats, down_proj.weight)
         attn_scores.append(attn.float())
         mlp_scores.append(mlp.float())
         # Propagate through this layer with its per-layer uniform init mask (a one-layer search space).
@@ -242,7 +264,8 @@ def block_influence(model: nn.Module, space: SearchSpace, batches: Sequence[torc
                     progress: bool = True) -> BlockInfluence:
     """:class:`BlockInfluence` of every attention block, MLP block and decoder layer (dense forwards).
 
-    The residual stream between the two blocks is the input of ``spec.mlp_norm``.
+    The residual stream between the two blocks is the input of ``spec.mlp_norm``. Under a process group
+    each rank runs its shard of ``batches`` and the sums are added over the ranks (one collective).
     """
     if not batches:
         raise ValueError("block influence needs calibration batches")
@@ -274,9 +297,10 @@ def block_influence(model: nn.Module, space: SearchSpace, batches: Sequence[torc
         handles.append(layer.register_forward_hook(layer_post(i), with_kwargs=True))
     try:
         with eval_mode(model):
-            for ids in tqdm(batches, desc="block influence", disable=not progress, leave=False):
+            for ids in tqdm(distributed.shard(batches), desc="block influence", disable=not progress, leave=False):
                 model(input_ids=ids.to(model_device(model)), use_cache=False)
     finally:
         for h in handles:
             h.remove()
+    distributed.all_reduce_stats([t for m in (attn, mlp, whole) for t in (m.sum, m.tokens)], "block influence")
     return BlockInfluence(attn.influence(), mlp.influence(), whole.influence())

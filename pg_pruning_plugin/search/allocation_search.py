@@ -19,6 +19,11 @@ Bernoulli search (search/loop.py). The run:
 
 The model is unchanged afterwards; the caller refits the returned masks (``refit(model, masks, ...)``)
 and removes them (``prune_model``).
+
+Under a process group (core/distributed.py) the level table's statistics are summed over calibration
+shards, a step's ``K + 1`` candidates (the current allocation and its transfers, drawn on every rank
+from the same generator) are split over the ranks like the units policy's samples, and the held-in
+batches of the incumbent check are split over the ranks; every rank then takes the same decisions.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.modeling import eval_mode
+from ..core import distributed
 from ..core.subnetwork import OutputWeights, subnetwork
 from ..core.units import UnitValues
 from .allocation import AllocationSpace, TransferPolicy
@@ -37,7 +42,7 @@ from .budget import BudgetError
 from .config import SearchConfig, SearchResult
 from .levels import LevelTable, level_prices, reference_levels
 from .loop import PolicyGradientSearch
-from .objective import DenseTargets, dense_targets, sequence_losses
+from .objective import DenseTargets, sequence_losses
 
 __all__ = ["AllocationSearch", "AllocationState"]
 
@@ -92,6 +97,10 @@ class AllocationSearch(PolicyGradientSearch):
                 f"(0, {1 - floor / self.budget.total:.4f}]")
         self.table: LevelTable | None = None
 
+    def _candidates_per_step(self) -> int:
+        """Losses a step computes on its batch: the current allocation's and its ``K`` transfers'."""
+        return self.config.samples_per_step + 1
+
     def _setup(self, progress: bool) -> None:
         """Level table, transfer space and dense targets (rebuilt identically on resume)."""
         if self.table is not None:
@@ -105,24 +114,46 @@ class AllocationSearch(PolicyGradientSearch):
         self.allocation = AllocationSpace(band[..., 0], band[..., 1], level_prices(self.space, self.block),
                                           int(math.floor(kept)))
         self.reference = reference
-        self.targets: list[DenseTargets | None] = [None] * len(self.batches)
-        if cfg.loss == "kl":
-            with eval_mode(self.model):
-                self.targets = dense_targets(self.model, self.batches, cfg.kl_top_k)
+        self.targets: list[DenseTargets | None] = self._dense_targets()
 
     # -- scoring -------------------------------------------------------------------------------
     @torch.no_grad()
-    def _loss(self, levels: torch.Tensor, batch_ids: list[int]) -> float:
-        """Mean loss of the allocation ``levels`` (as a sub-network with its table weights) over batches."""
+    def _local_losses(self, levels: torch.Tensor, parts: list[tuple[int, range]]) -> list[float]:
+        """Mean loss of the allocation ``levels`` (as a sub-network with its table weights) on each ``(batch,
+        rows)`` of ``parts``, computed here."""
+        if not parts:
+            return []
         masks = self.table.masks(levels)
         outputs: dict[tuple[int, str], OutputWeights] = self.table.weights(levels)
-        total = 0.0
+        out = []
         with subnetwork(self.model, self.space, masks, outputs):
-            for b in batch_ids:
-                batch = self._on_device(self.batches[b])
+            for b, rows in parts:
+                batch = self._on_device({k: v[rows.start:rows.stop] for k, v in self.batches[b].items()})
                 logits = self.model(**batch, use_cache=False).logits
-                total += float(sequence_losses(logits, batch, self.config.loss, self.targets[b]).mean())
+                out.append(float(sequence_losses(logits, batch, self.config.loss, self.targets[b]).mean()))
+        return out
+
+    @torch.no_grad()
+    def _loss(self, levels: torch.Tensor, batch_ids: list[int]) -> float:
+        """Mean loss of the allocation ``levels`` over whole batches (the held-in ones, split over the ranks)."""
+        own = distributed.split(len(batch_ids))
+        mine = self._local_losses(levels, [(b, range(self.batches[b]["input_ids"].shape[0]))
+                                           for b in batch_ids[own.start:own.stop]])
+        total = 0.0
+        for loss in distributed.gather_losses(torch.tensor(mine, dtype=torch.float64), own, len(batch_ids)).tolist():
+            total += loss
         return total / len(batch_ids)
+
+    @torch.no_grad()
+    def _candidate_losses(self, candidates: list[torch.Tensor], b: int) -> torch.Tensor:
+        """``[C]`` float64 losses of the allocations ``candidates`` on batch ``b``, each rank scoring its share of
+        the candidates on its rows (``self.split``)."""
+        own, rows = self.split.samples(len(candidates)), self.split.rows(self.batches[b]["input_ids"].shape[0])
+        if not len(rows):
+            own = range(own.start, own.start)
+        mine = torch.tensor([self._local_losses(candidates[j], [(b, rows)])[0] for j in own], dtype=torch.float64)
+        weights = torch.full((len(own),), float(len(rows)), dtype=torch.float64)
+        return distributed.gather_losses(mine, own, len(candidates), weights)
 
     # -- state ---------------------------------------------------------------------------------
     def _initial_state(self, progress: bool) -> AllocationState:
@@ -137,10 +168,10 @@ class AllocationSearch(PolicyGradientSearch):
     def step(self, state: AllocationState) -> float | None:
         """One step (search/allocation.py); returns the current allocation's loss on the step's batch."""
         cfg = self.config
-        batch = [self._train_batch(state.step)]
-        centre = self._loss(state.levels, batch)
         transfers = state.policy.sample(self.allocation, state.levels, cfg.samples_per_step, state.generator)
-        losses = torch.tensor([self._loss(t.levels, batch) for t in transfers], dtype=torch.float64)
+        scored = self._candidate_losses([state.levels] + [t.levels for t in transfers],
+                                        self._train_batch(state.step))
+        centre, losses = float(scored[0]), scored[1:]
         finite = torch.isfinite(losses)
         state.nan_samples += int((~finite).sum())
         state.step += 1

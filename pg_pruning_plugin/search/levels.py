@@ -18,6 +18,11 @@ A candidate allocation then runs as a sub-network with these weights (core/subne
 search scores the model that is shipped after the final refit, at the cost of one forward pass.
 Memory: the band's weights, ``Σ_levels hidden · kept`` values per projection and layer, kept on the
 layer's device in the model's dtype.
+
+Under a process group the pass runs on every rank's calibration shard (refit/statistics.py) and the
+statistics are summed over the ranks before anything is ranked or fitted, so every rank builds the
+same table. Offloaded projections (accelerate) are loaded by their hooks while their layer is
+processed (core/offload.py).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ..core.architectures import SearchSpace, decoder_layers
 from ..core.modeling import eval_mode
+from ..core.offload import onloaded
 from ..core.subnetwork import OutputWeights
 from ..core.units import UnitValues
 from ..refit.lstsq import lstsq_weights
@@ -161,48 +167,49 @@ class LevelTable:
         with eval_mode(model):
             stream = LayerStream(model, batches)
             for i in tqdm(range(space.num_layers), desc="level table", disable=not progress, leave=False):
-                shape = space.layers[i]
                 attn, mlp = getattr(modules[i], spec.attention), getattr(modules[i], spec.mlp)
                 o_proj, down_proj = getattr(attn, spec.o), getattr(mlp, spec.down)
-                originals = (o_proj.weight.detach().clone(), down_proj.weight.detach().clone())
-                entry = LayerLevels(torch.arange(shape.num_kv_groups), torch.arange(shape.intermediate_size))
-                width = shape.queries_per_group * shape.head_dim
-                # attention: statistics on the stream pruned up to layer i - 1
-                with InputStatistics(o_proj, f"layer {i} {spec.o}") as o_stats:
-                    stream.run_until(i, o_proj)
-                o_stats.all_reduce()
-                entry.attn_order = (obs_order(o_proj.weight, o_stats.gram, width, damping) if metric is None else
-                                    torch.argsort(metric.attn[space.attn_slice(i)], descending=True, stable=True))
-                lo, hi = 1, int(n_max[i, 0])
-                bands[i, 0] = torch.tensor([lo, hi])
-                for level in range(lo, hi + 1):
-                    groups = torch.sort(entry.attn_order[:level]).values
-                    columns = (groups[:, None] * width + torch.arange(width)).flatten()
-                    entry.attn[level] = _level_weights(o_proj.weight, o_stats, columns, loop_refit, damping,
-                                                       full=level == shape.num_kv_groups)
-                o_bias = _write(o_proj, entry.attn.get(int(reference[i, 0])),
-                                _columns(entry.attn_order, int(reference[i, 0]), width))
-                # MLP: statistics after this layer's attention is pruned at the reference
-                with InputStatistics(down_proj, f"layer {i} {spec.down}") as d_stats:
-                    stream.run_until(i, down_proj)
-                d_stats.all_reduce()
-                entry.mlp_order = (obs_order(down_proj.weight, d_stats.gram, 1, damping) if metric is None else
-                                   torch.argsort(metric.mlp[space.mlp_slice(i)], descending=True, stable=True))
-                ref = int(reference[i, 1])
-                lo, hi = max(1, ref - band), min(int(n_max[i, 1]), ref + band)
-                bands[i, 1] = torch.tensor([lo, hi])
-                for level in range(lo, hi + 1):
-                    kept = channels_of(level, block, shape.intermediate_size)
-                    channels = torch.sort(entry.mlp_order[:kept]).values
-                    entry.mlp[level] = _level_weights(down_proj.weight, d_stats, channels, loop_refit, damping,
-                                                      full=kept == shape.intermediate_size)
-                down_bias = _write(down_proj, entry.mlp.get(ref),
-                                   _columns(entry.mlp_order, channels_of(ref, block, shape.intermediate_size), 1))
-                stream.advance(i)
-                _restore(o_proj, originals[0], o_bias)
-                _restore(down_proj, originals[1], down_bias)
-                layers_out.append(entry)
-                del o_stats, d_stats
+                with onloaded(o_proj), onloaded(down_proj):  # offloaded weights: read and changed here
+                    shape = space.layers[i]
+                    originals = (o_proj.weight.detach().clone(), down_proj.weight.detach().clone())
+                    entry = LayerLevels(torch.arange(shape.num_kv_groups), torch.arange(shape.intermediate_size))
+                    width = shape.queries_per_group * shape.head_dim
+                    # attention: statistics on the stream pruned up to layer i - 1
+                    with InputStatistics(o_proj, f"layer {i} {spec.o}") as o_stats:
+                        stream.run_until(i, o_proj)
+                    o_stats.all_reduce()
+                    entry.attn_order = (obs_order(o_proj.weight, o_stats.gram, width, damping) if metric is None else
+                                        torch.argsort(metric.attn[space.attn_slice(i)], descending=True, stable=True))
+                    lo, hi = 1, int(n_max[i, 0])
+                    bands[i, 0] = torch.tensor([lo, hi])
+                    for level in range(lo, hi + 1):
+                        groups = torch.sort(entry.attn_order[:level]).values
+                        columns = (groups[:, None] * width + torch.arange(width)).flatten()
+                        entry.attn[level] = _level_weights(o_proj.weight, o_stats, columns, loop_refit, damping,
+                                                           full=level == shape.num_kv_groups)
+                    o_bias = _write(o_proj, entry.attn.get(int(reference[i, 0])),
+                                    _columns(entry.attn_order, int(reference[i, 0]), width))
+                    # MLP: statistics after this layer's attention is pruned at the reference
+                    with InputStatistics(down_proj, f"layer {i} {spec.down}") as d_stats:
+                        stream.run_until(i, down_proj)
+                    d_stats.all_reduce()
+                    entry.mlp_order = (obs_order(down_proj.weight, d_stats.gram, 1, damping) if metric is None else
+                                       torch.argsort(metric.mlp[space.mlp_slice(i)], descending=True, stable=True))
+                    ref = int(reference[i, 1])
+                    lo, hi = max(1, ref - band), min(int(n_max[i, 1]), ref + band)
+                    bands[i, 1] = torch.tensor([lo, hi])
+                    for level in range(lo, hi + 1):
+                        kept = channels_of(level, block, shape.intermediate_size)
+                        channels = torch.sort(entry.mlp_order[:kept]).values
+                        entry.mlp[level] = _level_weights(down_proj.weight, d_stats, channels, loop_refit, damping,
+                                                          full=kept == shape.intermediate_size)
+                    down_bias = _write(down_proj, entry.mlp.get(ref),
+                                       _columns(entry.mlp_order, channels_of(ref, block, shape.intermediate_size), 1))
+                    stream.advance(i)
+                    _restore(o_proj, originals[0], o_bias)
+                    _restore(down_proj, originals[1], down_bias)
+                    layers_out.append(entry)
+                    del o_stats, d_stats
         return cls(space, block, layers_out, bands)
 
 

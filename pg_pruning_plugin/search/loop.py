@@ -14,10 +14,19 @@ hooks that are removed after every forward (``execution="gather"`` swaps in the 
 duration of one forward, core/subnetwork.py). The estimator is ``config.estimator``
 (search/policy.py), the projection and the final mask are the search's
 :class:`~pg_pruning_plugin.search.budget.Budget`.
+
+Under a process group (core/distributed.py) every rank builds the search with the same model,
+configuration and calibration (checked when :meth:`~PolicyGradientSearch.run` starts). The masks of
+a step are drawn on every rank from the same generator; each rank scores its share of them on its
+rows of the batch (:class:`~pg_pruning_plugin.core.distributed.StepSplit`), one all-reduce per step
+gives every rank all ``K`` losses, and every rank applies the same update. The held-in checks split
+their batches over the ranks, the initial metrics their calibration shards. Rank 0 alone reads and
+writes the search-state file and shows the progress bar.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -30,6 +39,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..core import distributed
 from ..core.architectures import SearchSpace
 from ..core.masking import masked
 from ..core.modeling import IGNORE_INDEX, eval_mode, model_device, next_token_losses
@@ -166,6 +176,12 @@ class PolicyGradientSearch:
             )
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self._init_scores = init_scores
+        # how the candidates and rows of a step are divided over the ranks (one rank: all of them)
+        self.split = distributed.StepSplit.of(self._candidates_per_step(), self.config.batch_size)
+
+    def _candidates_per_step(self) -> int:
+        """Losses a step computes on its batch: the ``K`` mask samples."""
+        return self.config.samples_per_step
 
     # -- state -----------------------------------------------------------------------------
     def initial_probabilities(self, progress: bool = True) -> UnitValues:
@@ -188,19 +204,30 @@ class PolicyGradientSearch:
         return state_file.signature(self.config, self.space, len(self.batches))
 
     def _save_state(self, state: SearchState) -> None:
-        state_file.write_state(self.checkpoint_path, self._signature(), state.to_dict(),
-                               seconds=time.perf_counter() - self._clock)
+        """Rank 0 writes the state file (with how the run was split over ranks); every rank first checks that
+        all ranks hold the same state."""
+        distributed.check_consistent(f"the search state after step {state.step}", state=state.to_dict())
+        if distributed.is_main():
+            state_file.write_state(self.checkpoint_path, self._signature(),
+                                   state.to_dict() | {"parallel": self.split.as_dict()},
+                                   seconds=time.perf_counter() - self._clock)
 
-    def _load_state(self) -> SearchState:
-        saved = state_file.read_state(self.checkpoint_path)  # ResumeError: unreadable, or another run's
+    def _read_state(self) -> state_file.SavedState | None:
+        """The search-state file to resume from, read by rank 0 and handed to every rank (None: start anew)."""
+        path = self.checkpoint_path
+        return distributed.from_main(lambda: state_file.read_state(path) if path and path.exists() else None,
+                                     f"search-state file {path}")
+
+    def _load_state(self, saved: state_file.SavedState) -> SearchState:
         state_file.check_signature(saved, self._signature(), self.checkpoint_path)
+        _log_resumed_split(saved.state.get("parallel"), self.split)
         try:
             state = self.state_class.from_dict(saved.state)
         except Exception as exc:  # noqa: BLE001 - any unreadable state is reported the same way
             raise ResumeError(f"cannot read search state {self.checkpoint_path}: {exc}; delete it to start "
                               f"over") from exc
         self._clock -= saved.seconds  # the result's seconds include the run before the interruption
-        self._setup(progress=True)
+        self._setup(progress=distributed.is_main())
         return state
 
     # -- loop ------------------------------------------------------------------------------
@@ -223,20 +250,75 @@ class PolicyGradientSearch:
         if getattr(self, "_prepared", False):
             return
         cfg = self.config
-        self.targets = [None] * len(self.batches)
-        if cfg.loss == "kl":
-            with eval_mode(self.model):
-                self.targets = dense_targets(self.model, self.batches, cfg.kl_top_k)
+        self.targets = self._dense_targets()
         self.input_means = None
         if cfg.loop_refit == "bias":
             self.input_means = output_input_means(self.model, self.space, [
                 self.batches[i] for i in self.train[: cfg.init_batches]])
         self._prepared = True
 
+    def _own_held_in(self) -> list[int]:
+        """The held-in batches whose loss this rank computes (all of them in one process)."""
+        own = distributed.split(len(self.held_in))
+        return self.held_in[own.start:own.stop]
+
+    def _scored_rows(self, b: int) -> range:
+        """The rows of batch ``b`` this rank ever scores: its step share of a training batch, all rows of one
+        of its held-in batches, none of another rank's."""
+        n = self.batches[b]["input_ids"].shape[0]
+        if b in self.held_in:
+            return range(n) if b in self._own_held_in() else range(0)
+        return self.split.rows(n)
+
+    def _dense_targets(self) -> list[DenseTargets | None]:
+        """The dense model's targets (``loss="kl"``) of the rows each batch is scored on by this rank, per batch
+        (None where it scores none, and for ``loss="ce"``)."""
+        targets: list[DenseTargets | None] = [None] * len(self.batches)
+        if self.config.loss != "kl":
+            return targets
+        parts = {b: self._scored_rows(b) for b in range(len(self.batches))}
+        parts = {b: rows for b, rows in parts.items() if len(rows)}
+        with eval_mode(self.model):
+            computed = dense_targets(self.model, [_rows(self.batches[b], rows) for b, rows in parts.items()],
+                                     self.config.kl_top_k)
+        for b, target in zip(parts, computed):
+            targets[b] = target
+        return targets
+
+    def _loss_weight(self, batch: dict[str, torch.Tensor]) -> float:
+        """What a loss on ``batch`` (some rows of a step's batch) weighs in the mean over the ranks' rows: its
+        scored tokens for the paper's loss (the mean over every token of the batch), else its sequences (the
+        mean over sequences)."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if self.config.loss == "ce" and self.input_means is None:
+            return float(ids.shape[0] * (ids.shape[1] - 1) if mask is None else int((mask[:, 1:] != 0).sum()))
+        return float(ids.shape[0])
+
     @torch.no_grad()
     def sample_losses(self, batch: dict[str, torch.Tensor], masks: UnitMasks,
                       target: DenseTargets | None = None) -> torch.Tensor:
-        """``[K]`` losses of ``batch`` under the ``K`` mask samples (on the CPU)."""
+        """``[K]`` losses of ``batch`` under the ``K`` mask samples (on the CPU).
+
+        Under a process group this rank scores its share of the samples on its rows of ``batch``
+        (``self.split``; ``target`` holds the dense targets of those rows) and the shares are gathered,
+        so every rank returns all ``K`` losses.
+        """
+        if self.split.world_size == 1:
+            return self._losses(batch, masks, target)
+        own, rows = self.split.samples(masks.num_samples), self.split.rows(batch["input_ids"].shape[0])
+        if not len(rows):
+            own = range(own.start, own.start)
+        values, weights = torch.zeros(0), torch.zeros(0)
+        if len(own):
+            part = _rows(batch, rows)
+            values = self._losses(part, UnitMasks(**{k: v[own.start:own.stop] for k, v in masks.as_dict().items()}),
+                                  target)
+            weights = torch.full((len(own),), self._loss_weight(part), dtype=torch.float64)
+        return distributed.gather_losses(values, own, masks.num_samples, weights).float()
+
+    def _losses(self, batch: dict[str, torch.Tensor], masks: UnitMasks,
+                target: DenseTargets | None = None) -> torch.Tensor:
+        """``[S]`` losses of ``batch`` under the ``S`` mask samples, computed here (on the CPU)."""
         cfg = self.config
         if cfg.loss == "ce" and self.input_means is None:  # the paper's loss: one [K·B, T] forward (mask)
             return sample_losses(self.model, self.space, batch, masks, cfg.samples_in_one_forward,
@@ -255,10 +337,11 @@ class PolicyGradientSearch:
 
     @torch.no_grad()
     def _held_in_loss(self, probs: UnitValues) -> float:
-        """Mean loss of the hard mask of ``probs`` on the held-in blocks."""
+        """Mean loss of the hard mask of ``probs`` on the held-in blocks (the batches split over the ranks)."""
         mask = self.budget.hard_mask(probs).as_masks()
-        losses = [float(self.sample_losses(self._on_device(self.batches[b]), mask, self.targets[b])[0])
-                  for b in self.held_in]
+        mine = torch.tensor([float(self._losses(self._on_device(self.batches[b]), mask, self.targets[b])[0])
+                             for b in self._own_held_in()], dtype=torch.float64)
+        losses = distributed.gather_losses(mine, distributed.split(len(self.held_in)), len(self.held_in)).tolist()
         return sum(losses) / len(losses)
 
     @torch.no_grad()
@@ -306,13 +389,18 @@ class PolicyGradientSearch:
     def run(self, progress: bool = True, on_step: Callable[[int, SearchState], None] | None = None) -> SearchResult:
         """Run (or resume) the search to ``config.steps`` and return the result.
 
-        ``on_step(step, state)`` is called after every step (``state.step == step + 1``).
+        ``on_step(step, state)`` is called after every step (``state.step == step + 1``). Under a process
+        group every rank calls this; ranks that disagree on the model's shapes, the configuration or the
+        calibration are refused first (:class:`~pg_pruning_plugin.core.distributed.DistributedError`), and
+        only rank 0 shows progress.
         """
         cfg = self.config
+        progress = progress and distributed.is_main()
+        self._check_ranks()
         self._clock = time.perf_counter()  # moved back by a resumed state's seconds
-        resumed = self.checkpoint_path is not None and self.checkpoint_path.exists()
-        state = self._load_state() if resumed else self._initial_state(progress)
-        if resumed:
+        saved = self._read_state()
+        state = self._load_state(saved) if saved is not None else self._initial_state(progress)
+        if saved is not None:
             logger.info("resuming search from %s at step %d", self.checkpoint_path, state.step)
         bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps,
                    desc="policy-gradient search", disable=not progress)
@@ -328,9 +416,21 @@ class PolicyGradientSearch:
                         on_step(step, state)
             finally:
                 bar.close()
-        if state.nan_samples:
+        if state.nan_samples and distributed.is_main():
             logger.warning("%d samples had a non-finite loss and were skipped", state.nan_samples)
-        return self._result(state, time.perf_counter() - self._clock)
+        result = self._result(state, time.perf_counter() - self._clock)
+        distributed.check_consistent("the search result", masks=result.masks.as_dict())
+        return result
+
+    def _check_ranks(self) -> None:
+        """Refuse ranks that would not compute the same search; log how the steps are split."""
+        if not distributed.is_distributed():
+            return
+        distributed.check_consistent(
+            "the search", config=dataclasses.asdict(self.config), weights=distributed.weight_shapes(self.model),
+            calibration=self.batches, init_scores=None if self._init_scores is None else self._init_scores.as_dict())
+        if distributed.is_main():
+            logger.info("distributed search: %s", self.split.describe())
 
     def _postfix(self, state: SearchState, loss: float) -> dict[str, str]:
         """What the progress bar shows after a step."""
@@ -345,6 +445,27 @@ class PolicyGradientSearch:
             probs=probs, masks=self.budget.hard_mask(probs), space=self.space, config=self.config,
             history=state.history, nan_samples=state.nan_samples, seconds=seconds,
         )
+
+
+def _rows(batch: dict[str, torch.Tensor], rows: range) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of every tensor of ``batch``."""
+    return {k: v[rows.start:rows.stop] for k, v in batch.items()}
+
+
+def _log_resumed_split(saved: dict | None, split: distributed.StepSplit) -> None:
+    """Say whether a state written under another split of the steps resumes exactly: it does when neither run
+    divided the batch's rows (every loss is then computed as one process computes it)."""
+    saved = saved or {"world_size": 1, "data_shards": 1}
+    if saved["world_size"] == split.world_size and saved["data_shards"] == split.data_shards:
+        return
+    if saved["data_shards"] == split.data_shards == 1:
+        logger.info("the state was written by %d rank(s), resumed by %d: neither divides a batch's rows, so the run "
+                    "continues exactly as an uninterrupted one", saved["world_size"], split.world_size)
+    else:
+        logger.warning("the state was written by %d rank(s) with each batch in %d shard(s), resumed by %d with %d: "
+                       "the losses are summed in another order, so the result equals an uninterrupted run's up to "
+                       "float rounding (the masks differ only where that rounding decides a tie)",
+                       saved["world_size"], saved["data_shards"], split.world_size, split.data_shards)
 
 
 def _as_batches(calibration, batch_size: int) -> list[dict[str, torch.Tensor]]:
