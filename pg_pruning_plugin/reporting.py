@@ -20,6 +20,9 @@ both write as :data:`REPORT_FILE` next to the pruned model. Its keys:
 ``search``                 ``steps``, ``samples_per_step``, ``seconds``, ``nan_samples``, ``final_loss``
 ``config``                 the :class:`~pg_pruning_plugin.search.config.SearchConfig` as a dict
 ``evaluation``             ``dense_ppl``, ``pruned_ppl``, ``protocol`` (``pg-prune prune``), or None
+``distributed``            how the search's steps were split over ranks
+                           (``core.distributed.StepSplit.as_dict``: ``world_size``, ``sample_groups``,
+                           ``data_shards``, candidates and sequences per rank); world size 1 for one process
 ``run``                    how the run was started (``pg-prune prune``: model, calibration, arguments), or None
 =========================  =====================================================================
 """
@@ -78,9 +81,11 @@ def _summary(budget: Budget, report: dict) -> str:
 
 def pruning_report(before: SearchSpace, masks: UnitValues, budget: Budget, result: SearchResult, *,
                    params: tuple[int, int] | None = None, group_sizes: Sequence[int] = (),
-                   evaluation: dict | None = None, run: dict | None = None) -> dict:
+                   evaluation: dict | None = None, run: dict | None = None,
+                   distributed: dict | None = None) -> dict:
     """The report of pruning ``before`` (the unpruned space) to the final ``masks`` under ``budget``
-    (module docstring). ``params``: all parameters of the model before and after removal."""
+    (module docstring). ``params``: all parameters of the model before and after removal; ``distributed``:
+    the search's ``split.as_dict()`` (default: one process)."""
     after = kept_space(before, masks)
     accounting = budget.accounting(masks)
     flops = accounting["flops_per_token"]
@@ -114,6 +119,7 @@ def pruning_report(before: SearchSpace, masks: UnitValues, budget: Budget, resul
                    "final_loss": losses[-1] if losses else None},
         "config": dataclasses.asdict(result.config),
         "evaluation": evaluation,
+        "distributed": distributed or {"world_size": 1},
         "run": run,
     }
     return {"summary": _summary(budget, report), **report}

@@ -7,16 +7,24 @@ presses Ctrl-C. Only the module of the command being run is imported: the others
 transformers. Each sub-command's ``--help`` shows the defaults. Errors that are the user's to fix (bad paths, ratios,
 unsupported models) end with a one-line message and exit code 2 instead of a traceback; Ctrl-C ends
 with one line and exit code 130.
+
+The commands of :data:`DISTRIBUTED_COMMANDS` also run under ``torchrun`` (``WORLD_SIZE > 1``): the
+process group is initialised from torchrun's environment before the command runs and destroyed after
+it (core/distributed.py), ranks other than 0 log warnings only, each line prefixed with its rank, and
+a run that another rank ended (it died, raised or timed out after ``--dist-timeout`` seconds) ends
+with one line and exit code 1. Other commands refuse torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import functools
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +33,7 @@ from types import ModuleType
 COMMANDS = ("prune", "eval", "build_tasks", "recipe", "bench", "compare", "export_gguf")  # modules, in --help order
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+DISTRIBUTED_COMMANDS = ("prune", "compare")  # commands that run under torchrun, one process per rank
 
 
 @functools.cache
@@ -67,7 +76,35 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name in full:
             command_module(name).add_arguments(command)
+            if name in DISTRIBUTED_COMMANDS:
+                command.add_argument("--dist-timeout", type=float, default=1800.0,
+                                     help="under torchrun: seconds a rank waits for the others in any exchange "
+                                          "before the run ends with an error")
     return parser
+
+
+def _world_rank() -> tuple[int, int]:
+    """``(WORLD_SIZE, RANK)`` of torchrun's environment, ``(1, 0)`` outside it."""
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+
+
+@contextlib.contextmanager
+def _process_group(args: argparse.Namespace):
+    """Under torchrun, the process group of a distributed command for the duration of the block."""
+    world, _ = _world_rank()
+    if world <= 1:
+        yield
+        return
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise ValueError(f"pg-prune {args.command} runs in one process; launch it without torchrun (torchrun runs: "
+                         f"{', '.join(DISTRIBUTED_COMMANDS)})")
+    from ..core import distributed
+
+    distributed.init_from_environment(args.dist_timeout)
+    try:
+        yield
+    finally:
+        distributed.shutdown()
 
 
 def _command_of(argv: list[str]) -> str | None:
@@ -85,13 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             build_parser([]).print_help()
             return 2
+        world, rank = _world_rank()
         logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+            format=("" if world <= 1 else f"[rank {rank}] ") + "%(asctime)s %(levelname)s %(name)s: %(message)s",
             datefmt="%H:%M:%S",
         )
         module = command_module(args.command)
-        return module.run(args)
+        with _process_group(args):
+            return module.run(args)
     except KeyboardInterrupt:  # anywhere, imports included: one line, no traceback
         explain = getattr(module, "interrupted", None)
         prog = f"pg-prune {args.command}" if args is not None and args.command else "pg-prune"
@@ -100,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from ..resources.text import TextSourceUnavailable
 
+        ranks = sys.modules.get(f"{__name__.rpartition('.')[0]}.core.distributed")  # imported by a distributed run
+        if args is not None and not args.verbose and ranks is not None and isinstance(exc, ranks.DistributedError):
+            print(f"pg-prune {args.command}: error: {exc}", file=sys.stderr)  # another rank ended the run
+            return 1
         if args is None or args.verbose or not isinstance(exc, (*USER_ERRORS, TextSourceUnavailable)):
             raise
         print(f"pg-prune {args.command}: error: {exc}", file=sys.stderr)

@@ -3,6 +3,9 @@
 With no arguments it runs the embedded default: SmolLM2-135M-Instruct, 30 % of the KV groups and
 30 % of the MLP channels removed, calibrated on the wiki-vital calib split and evaluated on the
 held-out eval split.
+
+Under ``torchrun`` every rank loads the model on its device and runs the search (docs/distributed.md);
+rank 0 alone reads the search state, evaluates, saves and prints, and the others wait for it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from ..core import distributed
 from ..core.architectures import SearchSpace, architecture_of, count_parameters
 from ..core.checkpoint import save_pruned
 from ..core.removal import kept_space, prune_model
@@ -31,7 +35,7 @@ from ..search.config import EXECUTIONS, ResumeError, SearchConfig
 from ..search.init import INIT_MAPPINGS
 from ..search.loop import PolicyGradientSearch
 from ..search.policy import ESTIMATORS
-from ..search.state_file import check_signature, read_state, signature
+from ..search.state_file import SavedState, check_signature, read_state, signature
 
 NAME = "prune"
 HELP = ("learn which KV groups, MLP channels (and whole blocks) to remove with the policy-gradient search, then "
@@ -124,15 +128,11 @@ def run(args: argparse.Namespace) -> int:
     config = _config(args)  # ratios and search settings
     output = check_output(args.output, args.overwrite, model_paths(args.model), overwrite_hint="--overwrite")
     state_path = _state_path(args)
-    if state_path.exists() and not args.resume:
-        raise FileExistsError(f"search state {state_path} exists; pass --resume to continue it or delete it")
-    if args.resume and not state_path.exists():
-        raise FileNotFoundError(f"--resume given but {state_path} does not exist")
+    saved = distributed.from_main(lambda: _saved_state(args, state_path), "check of the search state")
     for source in filter(None, (args.text, args.eval_text)):
         check_text_source(source)
     if Path(args.text).suffix in (".txt", ".jsonl") and args.eval_windows and not args.eval_text:
         raise ValueError("a local calibration file has no held-out split: pass --eval-text FILE or --eval-windows 0")
-    saved = read_state(state_path) if args.resume else None  # ResumeError: a corrupt file
     model_dir = resolve_model_dir(args.model)
     architecture_of(AutoConfig.from_pretrained(model_dir))  # unsupported models fail before weights load
     before_space = SearchSpace.from_model(weightless_model(model_dir))
@@ -141,12 +141,12 @@ def run(args: argparse.Namespace) -> int:
     if saved is not None:  # ResumeError naming the field that differs from this run
         check_signature(saved, signature(config, before_space, steps_per_epoch), state_path)
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, device=distributed.local_device())
     calib = calibration_blocks(tokenizer, args.text, args.seq_len, steps_per_epoch * config.batch_size, seed=args.seed)
     eval_text = args.eval_text or args.text
 
     def held_out_ppl():
-        if not args.eval_windows:
+        if not args.eval_windows or not distributed.is_main():
             return None
         return perplexity(model, tokenizer, eval_text, seq_len=128, max_windows=args.eval_windows)
 
@@ -159,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
     search = PolicyGradientSearch(model, calib, config, checkpoint_path=state_path)
     result = search.run()
     prune_model(model, result.masks)
+    if not distributed.is_main():
+        distributed.barrier("the end of rank 0's evaluation and saving")
+        return 0
     after_space = kept_space(before_space, result.masks)
     params_after = count_parameters(model)
     pruned_ppl = held_out_ppl()
@@ -166,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                                              "protocol": str(pruned_ppl)}
     run = {"model": args.model, "calibration": args.text, "arguments": vars(args)}
     report = pruning_report(before_space, result.masks, search.budget, result, params=(params_before, params_after),
-                            evaluation=evaluation, run=run)
+                            evaluation=evaluation, run=run, distributed=search.split.as_dict())
     written = save_pruned(model, output, tokenizer, overwrite=args.overwrite,
                           extra_files={REPORT_FILE: json.dumps(report, indent=2)})
     result.save(written / "search_result.pt")
@@ -193,7 +196,17 @@ def run(args: argparse.Namespace) -> int:
         f"written to {written} (load with pg_pruning_plugin.load_pruned; plots kept_per_layer.png, search_loss.png)",
     ]
     print("\n".join(lines))
+    distributed.barrier("the end of rank 0's evaluation and saving")
     return 0
+
+
+def _saved_state(args: argparse.Namespace, state_path: Path) -> SavedState | None:
+    """The search state ``--resume`` continues (None without it), after the checks that need no model."""
+    if state_path.exists() and not args.resume:
+        raise FileExistsError(f"search state {state_path} exists; pass --resume to continue it or delete it")
+    if args.resume and not state_path.exists():
+        raise FileNotFoundError(f"--resume given but {state_path} does not exist")
+    return read_state(state_path) if args.resume else None  # ResumeError: a corrupt file
 
 
 def interrupted(args: argparse.Namespace, argv: list[str]) -> str:

@@ -43,7 +43,7 @@ import torch.nn as nn
 
 __all__ = ["DistributedError", "StepSplit", "all_reduce_stats", "barrier", "check_consistent", "from_main",
            "gather_losses", "init_from_environment", "is_distributed", "is_main", "local_device", "rank", "shard",
-           "split", "weight_shapes", "world_size"]
+           "shutdown", "split", "weight_shapes", "world_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +105,13 @@ def init_from_environment(timeout: float = 1800.0) -> bool:
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     logger.info("rank %d of %d (%s)", rank(), world_size(), backend)
     return True
+
+
+def shutdown() -> None:
+    """Destroy the default process group, if one is initialised (the end of a run started by
+    :func:`init_from_environment`)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 # -- dividing work -----------------------------------------------------------------------------------

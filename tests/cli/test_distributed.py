@@ -1,0 +1,59 @@
+"""`torchrun` in front of `pg-prune`: two CPU ranks (gloo) prune a tiny model to the masks one process finds,
+rank 0 alone writes the model and the report (which records the split); commands that run in one process
+refuse torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pg_pruning_plugin.cli import main
+from pg_pruning_plugin.reporting import REPORT_FILE
+from tests.helpers import save_tiny
+
+BIN = Path(sys.executable).parent
+TORCHRUN = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", str(BIN / "pg-prune")]
+
+
+def _torchrun(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1", "TORCHELASTIC_ERROR_FILE": str(tmp_path / "elastic-error.json")}
+    return subprocess.run([*TORCHRUN, *argv], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_torchrun_prune_finds_the_masks_of_one_process(tok, tmp_path):
+    model_dir = tmp_path / "tiny"
+    save_tiny(model_dir, tok, num_hidden_layers=3)
+    argv = ["prune", "--model", str(model_dir), "--steps", "4", "--batch-size", "2", "--init-batches", "2",
+            "--eval-windows", "2", "--checkpoint-every", "2"]
+    done = _torchrun([*argv, "--output", str(tmp_path / "two")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "distributed search: 2 ranks: 2 candidates per step in 2 group(s)" in done.stderr
+    assert "[rank 1]" not in done.stderr  # rank 1 logs warnings only
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        assert main([*argv, "--output", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "two" / REPORT_FILE).read_text())
+    assert report["distributed"] == {"world_size": 2, "candidates_per_step": 2, "batch_size": 2,
+                                          "sample_groups": 2, "data_shards": 1, "candidates_per_rank": [1, 1],
+                                          "sequences_per_rank": [2, 2]}
+    alone = json.loads((tmp_path / "one" / REPORT_FILE).read_text())["distributed"]
+    assert (alone["world_size"], alone["candidates_per_rank"], alone["sequences_per_rank"]) == (1, [2], [2])
+    two, one = (torch.load(tmp_path / d / "search_result.pt", weights_only=True) for d in ("two", "one"))
+    for kind in ("attn", "mlp"):
+        assert torch.equal(two["masks"][kind], one["masks"][kind]) and torch.equal(two["probs"][kind],
+                                                                                   one["probs"][kind])
+    assert not (tmp_path / "two.search-state.pt").exists()
+
+
+def test_a_single_process_command_refuses_torchrun(tmp_path):
+    done = _torchrun(["export-gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf")], tmp_path)
+    assert done.returncode != 0
+    assert "pg-prune export-gguf runs in one process; launch it without torchrun" in done.stderr
