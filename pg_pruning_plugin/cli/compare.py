@@ -22,6 +22,10 @@ Rows are saved to the JSON file ``--results`` after each one (``evaluation/recor
 every selection beside it (``<results>.masks.pt``); ``--resume`` skips the rows already there and reuses
 the saved masks (the settings must match). ``bench/quality_report.py`` renders a markdown report and a
 plot from the JSON file (docs/results/quality.md).
+
+Under ``torchrun`` every rank runs every selection and refit (their statistics and the search are
+split over the ranks, docs/distributed.md); rank 0 alone evaluates, and writes the rows and masks,
+and hands its measurements to the other ranks so that all of them keep the same rows.
 """
 
 from __future__ import annotations
@@ -239,10 +243,11 @@ def _check(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 class _Selections:
-    """The masks and selection records of every (method, ratio), in one torch file beside the results."""
+    """The masks and selection records of every (method, ratio), in one torch file beside the results (written
+    only while ``write`` is on)."""
 
     def __init__(self, path: Path, resume: bool):
-        self.path = path
+        self.path, self.write = path, True
         self.entries: dict[str, dict] = torch.load(path, weights_only=True) if resume and path.is_file() else {}
 
     @staticmethod
@@ -263,6 +268,8 @@ class _Selections:
 
         self.entries[self.key(method, ratio)] = {"masks": {k: v.to(torch.uint8) for k, v in masks.as_dict().items()},
                                                  "info": json.dumps(info)}
+        if not self.write:
+            return
         with atomic_file(self.path) as tmp:
             torch.save(self.entries, tmp)
 
@@ -316,6 +323,7 @@ def _refit_and_prune(model, masks, option: str, batches, args, device):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core import distributed
     from ..core.architectures import SearchSpace
     from ..evaluation.records import ResultFile
     from ..evaluation.speed import measured
@@ -325,10 +333,15 @@ def run(args: argparse.Namespace) -> int:
 
     tasks = _check(args)
     device = torch.device(args.device)
-    results = ResultFile(args.results, _settings(args, tasks), shlex.join(["pg-prune", *sys.argv[1:]]), device,
-                         resume=args.resume)
-    selections = _Selections(args.results.with_suffix(".masks.pt"), args.resume)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if distributed.is_distributed() and device.type == "cuda":
+        device = distributed.local_device()  # one GPU per rank
+    # rank 0 reads, writes and measures; the other ranks get its rows, so all of them take the same turns
+    measure, main = distributed.from_main, distributed.is_main()
+    results = measure(lambda: ResultFile(args.results, _settings(args, tasks), shlex.join(["pg-prune", *sys.argv[1:]]),
+                                         device, resume=args.resume), "results file")
+    selections = measure(lambda: _Selections(args.results.with_suffix(".masks.pt"), args.resume), "saved masks")
+    results.write = selections.write = main
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     blocks = calibration_blocks(tokenizer, args.calib_text, args.calib_seq_len, args.calib_blocks, seed=args.seed)
     batches = list(blocks[: len(blocks) // args.batch_size * args.batch_size].split(args.batch_size))
     blocks128 = source_blocks(tokenizer, args.eval_text, "eval", 128, max_blocks=args.ppl128_windows)
@@ -348,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
     if not results.has(method="dense"):
         logger.info("evaluating the dense model")
         results.add({"method": "dense", "ratio": 0.0, "refit": "none", "structure": "-", "prunable_removed": 0.0}
-                    | _perplexities(model, blocks128, blocks2048))
+                    | measure(functools.partial(_perplexities, model, blocks128, blocks2048), "dense perplexities"))
     cache: dict = {}
 
     def selection(method: str, ratio: float):
@@ -373,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
                 logger.info("%s at %.0f%%, refit %s", method, 100 * ratio, option)
                 net, record = _refit_and_prune(model, masks, option, batches, args, device)
                 row = {"method": method, "ratio": ratio, "refit": option} | info | record
-                row |= _perplexities(net, blocks128, blocks2048)
+                row |= measure(functools.partial(_perplexities, net, blocks128, blocks2048), "perplexities")
                 row["prunable_removed"] = 1 - row["prunable_params"] / dense_prunable
                 logger.info("%s", json.dumps(row))
                 results.add(row)
@@ -387,10 +400,11 @@ def run(args: argparse.Namespace) -> int:
         if row["method"] != "dense":
             net, _ = _refit_and_prune(model, selection(row["method"], row["ratio"])[0], row["refit"], batches, args,
                                       device)
-        result = zero_shot(net, tokenizer, tasks=tasks, limit=args.limit, batch_size=16,
-                           offline=OFFLINE_CHOICES[args.offline])
+        result = measure(functools.partial(zero_shot, net, tokenizer, tasks=tasks, limit=args.limit, batch_size=16,
+                                           offline=OFFLINE_CHOICES[args.offline]), "zero-shot accuracy")
         row["zero_shot"] = zero_shot_summary(result, args.limit)
         results.save()
         del net
-    print(f"wrote {args.results} (render a report with bench/quality_report.py)")
+    if main:
+        print(f"wrote {args.results} (render a report with bench/quality_report.py)")
     return 0

@@ -58,11 +58,12 @@ class ResultFile:
 
     ``resume``: an existing ``path`` is continued (its ``settings`` must equal ``settings``, else
     ``ValueError``); without it the file starts empty and is overwritten at the first save.
+    Setting ``write`` to False keeps the rows in memory only (the ranks of a distributed run other than 0).
     """
 
     def __init__(self, path: str | os.PathLike, settings: dict, command: str, device: torch.device | str = "cpu",
                  resume: bool = False):
-        self.path = Path(path)
+        self.path, self.write = Path(path), True
         self.data: dict = {"settings": settings, "rows": []}
         if resume and self.path.is_file():
             self.data = json.loads(self.path.read_text())
@@ -87,7 +88,10 @@ class ResultFile:
         self.save()
 
     def save(self) -> None:
-        """Write the file atomically; the command is recorded once it has added something."""
+        """Write the file atomically (unless ``write`` is off); the command is recorded once it has added
+        something."""
+        if not self.write:
+            return
         commands = self.data.setdefault("commands", [])
         if not commands or commands[-1] != self.command:
             commands.append(self.command)

@@ -57,3 +57,30 @@ def test_a_single_process_command_refuses_torchrun(tmp_path):
     done = _torchrun(["export-gguf", str(tmp_path / "m"), str(tmp_path / "m.gguf")], tmp_path)
     assert done.returncode != 0
     assert "pg-prune export-gguf runs in one process; launch it without torchrun" in done.stderr
+
+
+def test_torchrun_compare_writes_the_rows_of_one_process(tok, tmp_path):
+    model_dir = tmp_path / "tiny"
+    save_tiny(model_dir, tok, num_hidden_layers=3)
+    argv = ["compare", "--model", str(model_dir), "--ratios", "0.3", "--methods", "wanda-sp", "taylor", "search",
+            "--search-configs", "authors", "--steps", "2", "--refit", "none", "lstsq", "--calib-blocks", "16",
+            "--calib-seq-len", "32", "--batch-size", "4", "--ppl128-windows", "2", "--ppl2048-windows", "0",
+            "--limit", "0"]
+    done = _torchrun([*argv, "--results", str(tmp_path / "two.json")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*argv, "--results", str(tmp_path / "one.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    two, one = (json.loads((tmp_path / f"{n}.json").read_text())["rows"] for n in ("two", "one"))
+    assert [(r["method"], r["refit"]) for r in two] == [(r["method"], r["refit"]) for r in one]
+    for a, b in zip(two, one):
+        assert (a["kv_groups"], a["mlp_channels"]) == (b["kv_groups"], b["mlp_channels"]), a["method"]
+        assert abs(a["ppl128"] - b["ppl128"]) <= 1e-4 * b["ppl128"], (a["method"], a["refit"])
+    masks2, masks1 = (torch.load(tmp_path / f"{n}.masks.pt", weights_only=True) for n in ("two", "one"))
+    assert masks2.keys() == masks1.keys()
+    for key in masks1:
+        for kind in masks1[key]["masks"]:
+            assert torch.equal(masks2[key]["masks"][kind], masks1[key]["masks"][kind]), key
