@@ -136,3 +136,28 @@ def failing_worker(rank: int, world: int, tmp: str, how: str) -> None:
     except Exception as exc:
         (tmp / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         raise SystemExit(1) from exc
+
+
+def oneshot_worker(rank: int, world: int, tmp: str, model_dir: str) -> None:
+    """Spawned rank of an llmcompressor ``oneshot`` with the pruning modifier; writes the error it ended with."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    from pg_pruning_plugin.integrations.llmcompressor import PolicyGradientPruningModifier
+    from tests.helpers import QUANT_VOCAB
+
+    tmp = Path(tmp)
+    _init(rank, world, tmp, 60)
+    ids = torch.randint(3, QUANT_VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
+    calib = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    try:
+        oneshot(model=AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                processor=PreTrainedTokenizerFast.from_pretrained(model_dir), dataset=calib,
+                recipe=PolicyGradientPruningModifier(steps=2, batch_size=4, init_batches=1),
+                num_calibration_samples=16, max_seq_length=32)
+        (tmp / f"error-{rank}.txt").write_text("none")
+    except Exception as exc:  # noqa: BLE001 - the test reads what each rank ended with
+        (tmp / f"error-{rank}.txt").write_text(f"{type(exc).__name__}: {exc}")
+    finally:
+        dist.destroy_process_group()

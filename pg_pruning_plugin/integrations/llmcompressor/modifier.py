@@ -22,6 +22,7 @@ from loguru import logger
 from pydantic import Field, PrivateAttr, model_validator
 
 from ...compat.llmcompressor import patch_save_pretrained
+from ...core import distributed
 from ...core.architectures import SearchSpace, architecture_of, count_parameters, projections
 from ...core.removal import prune_model
 from ...reporting import REPORT_FILE, format_accounting, pruning_report
@@ -48,6 +49,19 @@ def _check_not_quantized(model: nn.Module) -> None:
         )
 
 
+def _check_single_process() -> None:
+    """Refuse oneshot's distributed mode (several ranks) before any work, with what to run instead."""
+    if distributed.is_distributed():
+        raise ValueError(
+            f"PolicyGradientPruningModifier does not run under oneshot's distributed mode ({distributed.world_size()} "
+            f"ranks): oneshot gives every rank its own shard of the calibration set and holds the weights in "
+            f"compressed-tensors' offloading shared between the ranks, while the search scores the same calibration "
+            f"blocks on every rank and replaces each rank's weights (sub-network execution, removal) through "
+            f"accelerate's hooks. Prune first with `torchrun --nproc-per-node N pg-prune prune ...` (or "
+            f"PolicyGradientSearch under your own process group) and save the model, then run the quantization "
+            f"recipe without the pruning stage on the saved model (docs/distributed.md)")
+
+
 class PolicyGradientPruningModifier(Modifier):
     """Learn which KV groups, MLP channels and blocks to remove, then remove them, inside ``oneshot``.
 
@@ -69,7 +83,8 @@ class PolicyGradientPruningModifier(Modifier):
 
     Lifecycle (llmcompressor 0.14, docs/llmcompressor.md):
 
-    * ``on_initialize``, before any quantization modifier initialises: the architecture and the recipe
+    * ``on_initialize``, before any quantization modifier initialises: oneshot's distributed mode is
+      refused (one process only; docs/distributed.md says how to prune with several), the architecture and the recipe
       order are checked, the kept widths are rounded for every later group quantization (``widths.py``;
       an impossible group size or an unreachable budget fails here, before the search), the calibration
       batches of ``oneshot`` are cached once and re-batched into search blocks, the search runs with
@@ -166,6 +181,7 @@ class PolicyGradientPruningModifier(Modifier):
     # -- lifecycle ------------------------------------------------------------------------------
     def on_initialize(self, state: State, **kwargs) -> bool:
         model = state.model
+        _check_single_process()
         architecture_of(model)  # unsupported model types fail before any work
         _check_not_quantized(model)
         if state.data.calib is None:
