@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.records import provenance
-from ..evaluation.speed import SHAPES, build_model, inference_speed, search_memory, search_speed
+from ..evaluation.speed import SHAPES, build_model, inference_speed, search_memory, search_scaling, search_speed
 from ..resources.files import write_atomic
 from ..resources.models import as_dtype
 
@@ -47,6 +47,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-to", type=int, default=64, help="pruned MLP widths rounded to a multiple of N")
     p.add_argument("--skip", nargs="*", default=[], choices=["search", "memory", "inference"],
                    help="parts not to measure")
+    p.add_argument("--processes", type=int, nargs="*", default=[],
+                   help="CPU only: also time search steps with each number of processes (one gloo group, one thread "
+                        "each, alternating rounds), e.g. --processes 1 2")
+    p.add_argument("--scaling-steps", type=int, default=3, help="timed search steps per process count and round")
     p.add_argument("--json", type=Path, required=True, help="JSON file for the measurements")
 
 
@@ -63,6 +67,8 @@ def _check(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
         raise ValueError("--samples must be >= 2, --repeats >= 1 and --new-tokens >= 2")
     if args.threads is not None and args.threads < 1:
         raise ValueError("--threads must be positive")
+    if args.processes and (device.type != "cpu" or min(args.processes) < 1 or args.scaling_steps < 1):
+        raise ValueError("--processes times CPU processes (--device cpu) with positive counts and --scaling-steps")
     return device, as_dtype(args.dtype, device)
 
 
@@ -89,6 +95,11 @@ def run(args: argparse.Namespace) -> int:
         logger.info("measuring peak memory")
         result["memory"] = search_memory(model, args.model, args.shape, args.batch_size, args.seq_len,
                                          args.samples, keep)
+        save()
+    if args.processes:
+        logger.info("timing search steps with %s CPU processes", args.processes)
+        result["scaling"] = search_scaling(args.model, args.shape, dtype, args.processes, args.batch_size,
+                                           args.seq_len, args.samples, keep, args.scaling_steps, args.repeats)
         save()
     if "inference" not in args.skip:
         logger.info("timing generate on dense and pruned models")

@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["DistributedError", "StepSplit", "all_reduce_stats", "barrier", "check_consistent", "from_main",
-           "gather_losses", "init_from_environment", "is_distributed", "is_main", "local_device", "rank", "shard",
-           "shutdown", "split", "weight_shapes", "world_size"]
+           "gather_losses", "init_from_environment", "is_distributed", "is_main", "launch_local", "local_device",
+           "rank", "shard", "shutdown", "split", "weight_shapes", "world_size"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,35 @@ def shutdown() -> None:
     :func:`init_from_environment`)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def launch_local(fn: Callable[..., T], world: int, *args: object, timeout: float = 600.0, threads: int = 1) -> list[T]:
+    """Run ``fn(*args)`` in ``world`` fresh local processes that form one ``gloo`` group (``world == 1``: one
+    process without a group), each with ``threads`` torch threads; returns every rank's result, in rank order.
+
+    ``fn`` must be importable (a module-level function) and its result picklable. A rank that fails makes
+    the others fail too (:class:`DistributedError` within ``timeout`` seconds), and this raises with the
+    first failure's traceback.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="pg-prune-ranks-") as tmp:
+        mp.spawn(_local_rank, args=(world, tmp, timeout, threads, fn, args), nprocs=world, join=True)
+        return [torch.load(os.path.join(tmp, f"result-{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _local_rank(index: int, world: int, tmp: str, timeout: float, threads: int, fn: Callable, args: tuple) -> None:
+    """The body of one :func:`launch_local` process."""
+    torch.set_num_threads(threads)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rendezvous')}", rank=index,
+                                world_size=world, timeout=timedelta(seconds=timeout))
+    try:
+        torch.save(fn(*args), os.path.join(tmp, f"result-{index}.pt"))
+    finally:
+        shutdown()
 
 
 # -- dividing work -----------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ shared machine hits all of them alike. GPU timings synchronise before reading th
   whole search steps (:class:`~pg_pruning_plugin.search.loop.PolicyGradientSearch`).
 * :func:`search_memory`: peak memory of plain inference against a search step, each workload in a
   fresh child process on the CPU.
+* :func:`search_scaling`: seconds per search step with 1, 2, ... CPU processes (one ``gloo`` group,
+  one thread each; core/distributed.py), the world sizes measured in alternating rounds.
 * :func:`inference_speed`: prefill and decode tokens/s with ``generate`` of models physically
   pruned by :func:`~pg_pruning_plugin.core.removal.prune_model`, against the dense model.
 * :func:`measured`: seconds and peak memory of one call (the one memory probe: GPU
@@ -34,6 +36,7 @@ import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..core import distributed
 from ..core.architectures import SearchSpace, count_parameters
 from ..core.masking import masked
 from ..core.modeling import model_device
@@ -44,8 +47,8 @@ from ..core.units import UnitMasks, UnitValues
 from ..search.config import SearchConfig
 from ..search.loop import PolicyGradientSearch, sample_losses
 
-__all__ = ["SHAPES", "bernoulli_masks", "build_model", "inference_speed", "measured", "search_memory", "search_speed",
-           "timed", "uniform_masks"]
+__all__ = ["SHAPES", "bernoulli_masks", "build_model", "inference_speed", "measured", "search_memory", "search_scaling",
+           "search_speed", "timed", "uniform_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -262,6 +265,48 @@ def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | 
         r = json.loads(child.stdout.strip().splitlines()[-1])
         out[workload] = {"peak_mib": r["peak_kib"] / 1024, "after_load_mib": r["loaded_kib"] / 1024}
     return {"method": "peak RSS (VmHWM reset after loading) of a fresh child process per workload", "peak": out}
+
+
+def _scaling_rank(spec: dict) -> dict:
+    """One rank of :func:`search_scaling`: build the model, run ``steps + 1`` search steps (the first is warm-up),
+    return the seconds of the others and how the steps were split."""
+    model, _ = build_model(spec["model"], spec["shape"], "cpu", getattr(torch, spec["dtype"]))
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=torch.Generator().manual_seed(0))
+    search = _constant_search(model, {"input_ids": ids}, spec["steps"] + 1, spec["keep"], spec["samples"],
+                              spec["execution"])
+    stamps: list[float] = []
+    with torch.no_grad():
+        search.run(progress=False, on_step=lambda step, state: stamps.append(time.perf_counter()))
+    return {"seconds": stamps[-1] - stamps[0], "split": search.split.as_dict()}
+
+
+def search_scaling(model_name: str | None, shape: str | dict | None, dtype: torch.dtype, processes: list[int],
+                   batch_size: int = 8, seq_len: int = 128, samples: int = 2, keep: float = 0.5, steps: int = 3,
+                   rounds: int = 3, execution: str = "gather") -> dict:
+    """Seconds per search step on the CPU with each number of ``processes`` (one thread each).
+
+    Every round runs each world size once, in turn, in fresh processes (core/distributed.py's
+    ``launch_local``): each rank builds the model, takes one warm-up step and times ``steps`` more. The
+    median over ``rounds`` is kept; ``speedup`` is the one-process time over each world size's.
+    """
+    spec = {"model": model_name, "shape": SHAPES.get(shape, shape) if isinstance(shape, str) else shape,
+            "dtype": str(dtype).split(".")[-1], "batch_size": batch_size, "seq_len": seq_len, "samples": samples,
+            "keep": keep, "steps": steps, "execution": execution}
+    seconds: dict[int, list[float]] = {w: [] for w in processes}
+    splits: dict[int, dict] = {}
+    for _ in range(rounds):
+        for world in processes:
+            ranks = distributed.launch_local(_scaling_rank, world, spec)
+            seconds[world].append(ranks[0]["seconds"] / steps)
+            splits[world] = ranks[0]["split"]
+    per_step = {w: statistics.median(s) for w, s in seconds.items()}
+    base = per_step.get(1)
+    return {"steps": steps, "rounds": rounds, "execution": execution, "threads_per_process": 1,
+            "seconds_per_step": {str(w): s for w, s in per_step.items()},
+            "all_rounds": {str(w): s for w, s in seconds.items()},
+            "speedup": {str(w): base / s for w, s in per_step.items()} if base else {},
+            "split": {str(w): splits[w] for w in processes}}
 
 
 def uniform_masks(space: SearchSpace, sparsity: float, round_to: int | None, seed: int = 0) -> UnitValues:

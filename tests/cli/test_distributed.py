@@ -84,3 +84,20 @@ def test_torchrun_compare_writes_the_rows_of_one_process(tok, tmp_path):
     for key in masks1:
         for kind in masks1[key]["masks"]:
             assert torch.equal(masks2[key]["masks"][kind], masks1[key]["masks"][kind]), key
+
+
+def test_bench_times_search_steps_with_one_and_two_processes(tmp_path, monkeypatch):
+    from pg_pruning_plugin.evaluation import speed
+
+    monkeypatch.setitem(speed.SHAPES, "tiny", dict(
+        model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=16, vocab_size=200, max_position_embeddings=64))
+    out = tmp_path / "scaling.json"
+    argv = ["bench", "--shape", "tiny", "--device", "cpu", "--batch-size", "2", "--seq-len", "8", "--repeats", "1",
+            "--skip", "search", "memory", "inference", "--processes", "1", "2", "--scaling-steps", "2", "--json",
+            str(out)]
+    assert main(argv) == 0
+    scaling = json.loads(out.read_text())["scaling"]
+    assert set(scaling["seconds_per_step"]) == {"1", "2"} and all(s > 0 for s in scaling["seconds_per_step"].values())
+    assert scaling["speedup"]["1"] == 1.0 and scaling["split"]["2"]["candidates_per_rank"] == [1, 1]
+    assert main([*argv[:-2], "--processes", "0", "--json", str(out)]) == 2
