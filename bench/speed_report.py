@@ -97,6 +97,21 @@ def _render_run(r: dict) -> list[str]:
                          f"{x['prefill_tok_s'] / d['prefill_tok_s']:.2f}x | {x['decode_tok_s']:,.1f} | "
                          f"{x['decode_tok_s'] / d['decode_tok_s']:.2f}x |")
         lines.append("")
+    if "scaling" in r:
+        sc = r["scaling"]
+        lines += [f"### Search steps with several CPU processes ({sc['execution']} execution, one gloo group, "
+                  f"{sc['threads_per_process']} thread per process; {sc['steps']} timed steps after a warm-up, "
+                  f"median of {sc['rounds']} rounds that alternate the process counts)", "",
+                  "| processes | candidates / sequences per rank | seconds per step | speedup | CPU seconds per step "
+                  "(busiest rank) | every round (s/step) |", "|---:|---|---:|---:|---:|---|"]
+        for world, seconds in sc["seconds_per_step"].items():
+            split, cpu = sc["split"][world], sc.get("cpu_seconds_per_step", {}).get(world)
+            share = "/".join(f"{c} x {n}" for c, n in dict.fromkeys(zip(split["candidates_per_rank"],
+                                                                      split["sequences_per_rank"])))
+            lines.append(f"| {world} | {share} | {seconds:.3f} | {sc['speedup'].get(world, float('nan')):.2f}x | "
+                         f"{'-' if cpu is None else f'{cpu:.3f}'} | "
+                         f"{', '.join(f'{x:.3f}' for x in sc['all_rounds'][world])} |")
+        lines.append("")
     rows = [(label, summary[key], thr, op) for label, key, thr, op in TARGETS if key in summary]
     if rows:
         lines += ["### Targets", "", "| target | measured | met |", "|---|---:|---|"]

@@ -8,11 +8,12 @@ transformers. Each sub-command's ``--help`` shows the defaults. Errors that are 
 unsupported models) end with a one-line message and exit code 2 instead of a traceback; Ctrl-C ends
 with one line and exit code 130.
 
-The commands of :data:`DISTRIBUTED_COMMANDS` also run under ``torchrun`` (``WORLD_SIZE > 1``): the
-process group is initialised from torchrun's environment before the command runs and destroyed after
-it (core/distributed.py), ranks other than 0 log warnings only, each line prefixed with its rank, and
-a run that another rank ended (it died, raised or timed out after ``--dist-timeout`` seconds) ends
-with one line and exit code 1. Other commands refuse torchrun.
+The commands of :data:`DISTRIBUTED_COMMANDS` also run under ``torchrun``: the process group is
+initialised from torchrun's environment before the command runs and destroyed after it
+(core/distributed.py; one rank on a GPU machine puts the run on its GPU), ranks other than 0 log
+warnings only, each line prefixed with its rank, and a run that another rank ended (it died, raised
+or timed out after ``--dist-timeout`` seconds) ends with one line and exit code 1. Other commands
+refuse several ranks.
 """
 
 from __future__ import annotations
@@ -90,9 +91,10 @@ def _world_rank() -> tuple[int, int]:
 
 @contextlib.contextmanager
 def _process_group(args: argparse.Namespace):
-    """Under torchrun, the process group of a distributed command for the duration of the block."""
+    """Under torchrun, the process group of a distributed command for the duration of the block (one rank
+    included: it runs on its GPU); other commands run alone, and refuse several ranks."""
     world, _ = _world_rank()
-    if world <= 1:
+    if "RANK" not in os.environ or (world <= 1 and args.command not in DISTRIBUTED_COMMANDS):
         yield
         return
     if args.command not in DISTRIBUTED_COMMANDS:

@@ -91,11 +91,12 @@ def init_from_environment(timeout: float = 1800.0) -> bool:
     """Initialise the default process group from ``torchrun``'s environment (``RANK``, ``WORLD_SIZE``,
     ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``): ``nccl`` with one GPU per rank when CUDA is
     available, ``gloo`` on the CPU otherwise; ``timeout`` seconds bound every collective, so a rank that
-    stops responding ends the run. Returns whether a group of several ranks is in use (an existing
-    group is kept; outside ``torchrun``, or with one rank, nothing is initialised)."""
+    stops responding ends the run. One rank (``torchrun --nproc-per-node 1``) is a group too: it puts the
+    run on the GPU. Returns whether a process group is initialised (an existing one is kept; outside
+    ``torchrun`` nothing is done)."""
     if dist.is_initialized():
-        return is_distributed()
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return True
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return False
     if not math.isfinite(timeout) or timeout <= 0:
         raise ValueError(f"timeout={timeout}: a positive number of seconds")

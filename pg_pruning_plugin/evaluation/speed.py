@@ -116,7 +116,7 @@ def _constant_search(model: nn.Module, batch: dict[str, torch.Tensor], steps: in
                      samples: int, execution: str) -> PolicyGradientSearch:
     """A search whose every unit starts at keep-probability ``keep``, over copies of ``batch``."""
     start = UnitValues.full(SearchSpace.from_model(model), keep)
-    config = SearchConfig(sparsity=1 - keep, steps=steps, samples_per_step=samples, batch_size=len(batch["input_ids"]),
+    config = SearchConfig(preset="authors", sparsity=1 - keep, steps=steps, samples_per_step=samples, batch_size=len(batch["input_ids"]),
                           execution=execution)
     return PolicyGradientSearch(model, [batch] * steps, config, init_scores=start)
 
@@ -269,16 +269,21 @@ def search_memory(model: nn.Module, model_name: str | None, shape: str | dict | 
 
 def _scaling_rank(spec: dict) -> dict:
     """One rank of :func:`search_scaling`: build the model, run ``steps + 1`` search steps (the first is warm-up),
-    return the seconds of the others and how the steps were split."""
+    return the wall and CPU seconds of the others and how the steps were split."""
     model, _ = build_model(spec["model"], spec["shape"], "cpu", getattr(torch, spec["dtype"]))
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=torch.Generator().manual_seed(0))
     search = _constant_search(model, {"input_ids": ids}, spec["steps"] + 1, spec["keep"], spec["samples"],
                               spec["execution"])
-    stamps: list[float] = []
+    stamps: list[tuple[float, float]] = []  # (wall, this process's CPU) seconds after each step
+
+    def stamp(step, state) -> None:
+        stamps.append((time.perf_counter(), time.process_time()))
+
     with torch.no_grad():
-        search.run(progress=False, on_step=lambda step, state: stamps.append(time.perf_counter()))
-    return {"seconds": stamps[-1] - stamps[0], "split": search.split.as_dict()}
+        search.run(progress=False, on_step=stamp)
+    return {"seconds": stamps[-1][0] - stamps[0][0], "cpu_seconds": stamps[-1][1] - stamps[0][1],
+            "split": search.split.as_dict()}
 
 
 def search_scaling(model_name: str | None, shape: str | dict | None, dtype: torch.dtype, processes: list[int],
@@ -289,21 +294,26 @@ def search_scaling(model_name: str | None, shape: str | dict | None, dtype: torc
     Every round runs each world size once, in turn, in fresh processes (core/distributed.py's
     ``launch_local``): each rank builds the model, takes one warm-up step and times ``steps`` more. The
     median over ``rounds`` is kept; ``speedup`` is the one-process time over each world size's.
+    ``cpu_seconds_per_step`` is the CPU time of the busiest rank: when it falls with the world size but
+    the wall time does not, the ranks were waiting for cores (a machine busy with other work).
     """
     spec = {"model": model_name, "shape": SHAPES.get(shape, shape) if isinstance(shape, str) else shape,
             "dtype": str(dtype).split(".")[-1], "batch_size": batch_size, "seq_len": seq_len, "samples": samples,
             "keep": keep, "steps": steps, "execution": execution}
     seconds: dict[int, list[float]] = {w: [] for w in processes}
+    cpu: dict[int, list[float]] = {w: [] for w in processes}
     splits: dict[int, dict] = {}
     for _ in range(rounds):
         for world in processes:
             ranks = distributed.launch_local(_scaling_rank, world, spec)
             seconds[world].append(ranks[0]["seconds"] / steps)
+            cpu[world].append(max(r["cpu_seconds"] for r in ranks) / steps)
             splits[world] = ranks[0]["split"]
     per_step = {w: statistics.median(s) for w, s in seconds.items()}
     base = per_step.get(1)
     return {"steps": steps, "rounds": rounds, "execution": execution, "threads_per_process": 1,
             "seconds_per_step": {str(w): s for w, s in per_step.items()},
+            "cpu_seconds_per_step": {str(w): statistics.median(s) for w, s in cpu.items()},
             "all_rounds": {str(w): s for w, s in seconds.items()},
             "speedup": {str(w): base / s for w, s in per_step.items()} if base else {},
             "split": {str(w): splits[w] for w in processes}}

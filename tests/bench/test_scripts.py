@@ -16,7 +16,7 @@ import speed_report
 
 from pg_pruning_plugin.cli import main as pg_prune
 from pg_pruning_plugin.evaluation import speed
-from tests.helpers import save_tiny
+from tests.helpers import REPO, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,12 @@ def test_speed_report_renders_bench_runs(tmp_path, monkeypatch):
     report = (tmp_path / "speed.md").read_text()
     assert report.index("Hand-written analysis.") < report.index("| search step (2 samples), gather |")
     assert "| 50% | 2 |" in report
+
+
+def test_distributed_estimates(tmp_path):
+    import distributed_estimates
+
+    out = tmp_path / "estimates.md"
+    distributed_estimates.main([str(REPO / "docs/results/speed/cuda-llama-3-8b-search-memory.json"), "--out", str(out)])
+    text = out.read_text()
+    assert "**Estimates, not measurements**" in text and "| 70B | 4 (2) | units, K = 4 | 4 x 1 |" in text
