@@ -116,8 +116,8 @@ def _constant_search(model: nn.Module, batch: dict[str, torch.Tensor], steps: in
                      samples: int, execution: str) -> PolicyGradientSearch:
     """A search whose every unit starts at keep-probability ``keep``, over copies of ``batch``."""
     start = UnitValues.full(SearchSpace.from_model(model), keep)
-    config = SearchConfig(preset="authors", sparsity=1 - keep, steps=steps, samples_per_step=samples, batch_size=len(batch["input_ids"]),
-                          execution=execution)
+    config = SearchConfig(preset="authors", sparsity=1 - keep, steps=steps, samples_per_step=samples,
+                          batch_size=len(batch["input_ids"]), execution=execution)
     return PolicyGradientSearch(model, [batch] * steps, config, init_scores=start)
 
 
