@@ -246,10 +246,11 @@ def _collective(what: str) -> Iterator[None]:
     except DistributedError:
         raise
     except RuntimeError as exc:  # torch.distributed's errors (DistBackendError, timeouts) are RuntimeErrors
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
         raise DistributedError(
             f"rank {rank()} of {world_size()}: {what} failed: another rank stopped, raised or did not answer within "
-            f"the process group's timeout ({type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}). Every "
-            f"rank stops; nothing more is written") from exc
+            f"the process group's timeout ({type(exc).__name__}: {first}). Every rank stops; nothing more is "
+            f"written") from exc
 
 
 _control: dict[str, object] = {}
