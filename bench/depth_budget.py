@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         for label, overrides in SEARCHES.items():
             if results.has(sparsity=sparsity, method=label):
                 continue
-            config = SearchConfig(sparsity=sparsity, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+            config = SearchConfig(preset="authors",
+                                  sparsity=sparsity, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                                   init=args.init, init_batches=args.init_batches, execution="gather",
                                   seed=args.seed, checkpoint_every=10**9, **overrides)
             t = time.perf_counter()

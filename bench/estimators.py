@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     n_blocks = 4 * max(args.steps, args.search_steps)
     calib = calibration_blocks(tok, seq_len=128, num_blocks=n_blocks, seed=args.seed)
     held_out = source_blocks(tok, "wiki-vital", "eval", 128, max_blocks=args.eval_windows)
-    base = SearchConfig(sparsity=args.sparsity, steps=1, init_batches=args.init_batches, seed=args.seed, batch_size=4,
+    base = SearchConfig(preset="authors",
+                        sparsity=args.sparsity, steps=1, init_batches=args.init_batches, seed=args.seed, batch_size=4,
                         init_mapping=args.init_mapping)
     probs = PolicyGradientSearch(model, calib, base).initial_probabilities(progress=False)
     results.data["init_ppl"] = heldout_ppl(model, space, hard_masks(probs, space, base), held_out)
@@ -145,7 +146,7 @@ def estimator_search(model, space, probs, calib, held_out, spec: str, seed: int,
     """One search of ``spec`` (``estimator:K:B[:lr]``) from ``probs``, with the held-out PPL of its hard mask."""
     estimator, k, b, *lr = spec.split(":")
     k, b, lr = int(k), int(b), float(lr[0]) if lr else args.lr
-    config = SearchConfig(sparsity=args.sparsity, steps=args.search_steps, lr=lr, batch_size=b,
+    config = SearchConfig(preset="authors", sparsity=args.sparsity, steps=args.search_steps, lr=lr, batch_size=b,
                           samples_per_step=k, estimator=estimator, execution="gather", seed=seed)
     blocks = torch.cat([calib[4 * t:4 * t + b] for t in range(args.search_steps)])  # same data order
     trace = []  # (sample forwards so far, held-out PPL of the current hard mask)

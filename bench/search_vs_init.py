@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     results.save()
     for sparsity in args.sparsity:
         for lr in args.lr:
-            config = SearchConfig(sparsity=sparsity, steps=args.steps, lr=lr, batch_size=args.batch_size,
+            config = SearchConfig(preset="authors",
+                                  sparsity=sparsity, steps=args.steps, lr=lr, batch_size=args.batch_size,
                                   samples_per_step=args.samples, init=args.init, init_mapping=args.init_mapping,
                                   init_batches=args.init_batches, max_epochs=args.max_epochs, seed=args.seed)
             search = PolicyGradientSearch(model, calib, config)

@@ -29,7 +29,7 @@ CALIB = torch.randint(0, 200, (48, 16), generator=torch.Generator().manual_seed(
 
 
 def _search(tmp: Path, checkpoint: str | None = None, stop_after: int | None = None, **config) -> dict:
-    cfg = SearchConfig(**({"steps": 6, "batch_size": 4, "init_batches": 4} | config))
+    cfg = SearchConfig(**({"preset": "authors", "steps": 6, "batch_size": 4, "init_batches": 4} | config))
     search = PolicyGradientSearch(tiny_model("llama"), CALIB, cfg,
                                   checkpoint_path=None if checkpoint is None else tmp / checkpoint)
 
@@ -105,7 +105,8 @@ def scenario_worker(rank: int, world: int, tmp: str) -> None:
     try:
         results = run_scenarios(tmp)
         try:  # another seed on rank 1: refused before any work, on every rank
-            PolicyGradientSearch(tiny_model("llama"), CALIB, SearchConfig(steps=2, batch_size=4, init_batches=2,
+            PolicyGradientSearch(tiny_model("llama"), CALIB, SearchConfig(preset="authors",
+                                                                          steps=2, batch_size=4, init_batches=2,
                                                                           seed=42 + rank)).run(progress=False)
             mismatch = None
         except distributed.DistributedError as exc:
@@ -130,7 +131,7 @@ def failing_worker(rank: int, world: int, tmp: str, how: str) -> None:
             raise ValueError("rank 1 raised on purpose")
 
     try:
-        cfg = SearchConfig(steps=8, batch_size=4, init_batches=2, execution="gather")
+        cfg = SearchConfig(preset="authors", steps=8, batch_size=4, init_batches=2, execution="gather")
         result = PolicyGradientSearch(tiny_model("llama"), CALIB, cfg).run(progress=False, on_step=fail)
         torch.save(result.masks.as_dict(), tmp / "result.pt")
     except Exception as exc:

@@ -65,7 +65,8 @@ def synthetic_result(model, global_budget: bool, seed: int = 1, attn_sparsity: f
 
     scores = UnitValues(probs([s.num_kv_groups for s in space.layers]),
                         probs([s.intermediate_size for s in space.layers]))
-    config = SearchConfig(attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity, global_budget=global_budget,
+    config = SearchConfig(preset="authors",
+                          attn_sparsity=attn_sparsity, mlp_sparsity=mlp_sparsity, global_budget=global_budget,
                           steps=1, init="constant")
     return SearchResult(scores, hard_masks(scores, space, config), space, config)
 
@@ -144,3 +145,24 @@ QUANT_VOCAB = 256
 # group 128 forces an even number of kept KV groups per layer.
 QUANT_TINY = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=32, vocab_size=QUANT_VOCAB, max_position_embeddings=256)
+
+
+# The shipped recipes with the search shrunk for the tiny model and 16 calibration sequences (conftest.llmc_calib).
+# Units (authors) recipes: half of the 4 KV groups go, so 4 query heads divide the hidden size as LlamaConfig
+# requires, and 30 % of the MLP channels. Allocation recipes: 30 % of the prunable parameters, 4 held-in blocks.
+FAST_RECIPE = {
+    "authors": {"steps": 3, "batch_size": 4, "init_batches": 2, "seq_len": None, "sparsity": 0.3, "attn_sparsity": 0.5},
+    "allocation": {"steps": 3, "batch_size": 4, "seq_len": None, "sparsity": 0.3, "held_in_blocks": 4,
+                   "incumbent_every": 2},
+}
+
+
+def fast_recipe(name: str, **overrides) -> str:
+    """The shipped recipe ``name`` as YAML text, its pruning modifier shrunk by :data:`FAST_RECIPE`."""
+    import yaml
+
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    fields = recipe["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]
+    fields.update(FAST_RECIPE[overrides.get("preset", fields.get("preset", "allocation"))] | overrides)
+    return yaml.safe_dump(recipe, sort_keys=False)
+

@@ -72,7 +72,7 @@ class SearchConfig:
     attn_sparsity: float | None = None
     mlp_sparsity: float | None = None
     global_budget: bool = True  # heterogeneous widths; False = the same keep rate in every layer
-    preset: str = "authors"  # PRESETS: fills the fields left at None
+    preset: str = "allocation"  # PRESETS: fills the fields left at None
     policy: str | None = None  # POLICIES
     steps: int | None = None
     samples_per_step: int | None = None  # K
@@ -198,7 +198,8 @@ class SearchConfig:
                              "(preset='authors' or policy='units' with granularity depth / width+depth)")
         if self.attn_sparsity is not None or self.mlp_sparsity is not None or not self.global_budget:
             raise ValueError("the allocation policy has one budget over all layers and unit types: give sparsity "
-                             "(or keep_params), not attn_sparsity/mlp_sparsity or global_budget=False")
+                             "(or keep_params), not attn_sparsity/mlp_sparsity or global_budget=False; for the same "
+                             "widths in every layer (a stock checkpoint) use preset='authors' with global_budget=False")
         if self.cost is None:
             self.cost = "params"
         if self.execution != "gather":

@@ -50,7 +50,8 @@ def test_compare_command_end_to_end(tok, tmp_path, capsys, monkeypatch):
     for r in rows:
         assert math.isfinite(r["ppl128"]) and "ppl2048" not in r, (r["method"], r["refit"])  # PPL@2048: tests/bench
     for r in rows[1:]:
-        assert r["refit_seconds"] >= 0 and r["selection_seconds"] >= 0 and r["refit_tokens"] == 40 * 32
+        assert r["refit_seconds"] >= 0 and r["selection_seconds"] >= 0
+        assert r["refit_tokens"] == (0 if r["refit"] == "none" else 40 * 32)  # "none" needs no calibration pass
         assert abs(r["prunable_removed"] - 0.5) * PRUNABLE <= PER_CHANNEL, r["method"]  # every method, the search too
     by = {(r["method"], r["refit"]): r for r in rows}
     assert by[("shortgpt", "none")]["layers"] == 2 and by[("flap", "none")]["kv_groups"] == 4

@@ -105,7 +105,8 @@ def test_a_two_rank_search_state_resumes_on_one_rank(runs, tmp_path):
     _, one, spawned = runs
     saved = torch.load(spawned / "state.pt", weights_only=False)
     assert saved["state"]["step"] == 3 and saved["state"]["parallel"]["world_size"] == WORLD
-    config = SearchConfig(steps=6, batch_size=4, init_batches=4, checkpoint_every=3, execution="gather")
+    config = SearchConfig(preset="authors",
+                          steps=6, batch_size=4, init_batches=4, checkpoint_every=3, execution="gather")
     with one_thread():
         resumed = PolicyGradientSearch(tiny_model("llama"), CALIB, config,
                                        checkpoint_path=spawned / "state.pt").run(progress=False)

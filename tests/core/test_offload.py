@@ -66,7 +66,7 @@ def test_masked_and_subnetwork_execution_equal_the_undispatched_model(tmp_path):
     dict(preset="allocation", steps=4, samples_per_step=3, incumbent_every=2, held_in_blocks=8, block_size=16),
 ], ids=["units-gather", "units-mask", "allocation"])
 def test_the_search_finds_the_same_masks(tmp_path, config):
-    config = SearchConfig(**({"steps": 6, "batch_size": 4, "init_batches": 4} | config))
+    config = SearchConfig(**({"preset": "authors", "steps": 6, "batch_size": 4, "init_batches": 4} | config))
     expected = PolicyGradientSearch(tiny_model("llama"), CALIB, config).run(progress=False)
     model = _dispatched(tmp_path)
     result = PolicyGradientSearch(model, CALIB, config).run(progress=False)

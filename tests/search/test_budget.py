@@ -89,19 +89,20 @@ def test_cost_mask_drops_the_least_probable_blocks():
 def test_bad_budgets_are_refused_before_the_search(llama):
     blocks = torch.randint(0, 200, (32, 16))
     with pytest.raises(BudgetError, match="reachable: sparsity in"):
-        PolicyGradientSearch(llama, blocks, SearchConfig(sparsity=0.995, cost="params", steps=2, batch_size=4))
+        PolicyGradientSearch(llama, blocks, SearchConfig(preset="authors",
+                                                         sparsity=0.995, cost="params", steps=2, batch_size=4))
     with pytest.raises(BudgetError, match="fewer than 1 per layer"):
-        PolicyGradientSearch(llama, blocks, SearchConfig(sparsity=0.9, steps=2, batch_size=4))
+        PolicyGradientSearch(llama, blocks, SearchConfig(preset="authors", sparsity=0.9, steps=2, batch_size=4))
     with pytest.raises(ValueError, match="positive cost"):
-        SearchConfig(cost="custom", custom_costs={"attn": 1.0, "mlp": 0.0})
+        SearchConfig(preset="authors", cost="custom", custom_costs={"attn": 1.0, "mlp": 0.0})
     with pytest.raises(ValueError, match="positive cost"):
-        SearchConfig(cost="custom", custom_costs={"attn": -3.0, "mlp": 1.0})
+        SearchConfig(preset="authors", cost="custom", custom_costs={"attn": -3.0, "mlp": 1.0})
     with pytest.raises(ValueError, match="one ratio"):
-        SearchConfig(cost="params", attn_sparsity=0.2)
+        SearchConfig(preset="authors", cost="params", attn_sparsity=0.2)
     with pytest.raises(ValueError, match="global"):
-        SearchConfig(granularity="depth", global_budget=False)
+        SearchConfig(preset="authors", granularity="depth", global_budget=False)
     with pytest.raises(ValueError, match="granularity"):
-        SearchConfig(granularity="layers")
+        SearchConfig(preset="authors", granularity="layers")
 
 
 
@@ -137,19 +138,20 @@ def test_one_count_rule():
 
 def test_budget_variants_and_what_they_report(llama):
     space = SearchSpace.from_model(llama)
-    per_type = Budget.of(space, SearchConfig(attn_sparsity=0.5, mlp_sparsity=0.25, global_budget=False))
+    per_type = Budget.of(space, SearchConfig(preset="authors",
+                                             attn_sparsity=0.5, mlp_sparsity=0.25, global_budget=False))
     assert isinstance(per_type, TypeBudget) and not per_type.global_pool and per_type.searched == ("attn", "mlp")
     assert per_type.initial_keep("attn") == 0.5 and per_type.initial_keep("mlp") == 0.75
     assert per_type.requested() == {"granularity": "width", "cost": None, "attn_sparsity": 0.5, "mlp_sparsity": 0.25,
                                     "global_budget": False}
     assert per_type.achieved(UnitValues.full(space, 1.0)) is None
-    joint = Budget.of(space, SearchConfig(sparsity=0.36, granularity="width+depth"))
+    joint = Budget.of(space, SearchConfig(preset="authors", sparsity=0.36, granularity="width+depth"))
     assert isinstance(joint, CostBudget) and joint.global_pool
     assert joint.initial_keep("attn") == pytest.approx(0.8) == joint.initial_keep("mlp_blocks")  # sqrt(0.64)
     assert joint.requested()["kept_cost"] == pytest.approx(0.64 * space.prunable_parameters())
     probs = UnitValues.full(space, 0.9, blocks=True)
     masks = joint.hard_mask(probs)
-    assert torch.equal(masks.mlp, hard_masks(probs, space, joint_config := SearchConfig(sparsity=0.36,
+    assert torch.equal(masks.mlp, hard_masks(probs, space, joint_config := SearchConfig(preset="authors", sparsity=0.36,
                                                                                       granularity="width+depth")).mlp)
     assert joint_config.cost == "params"
     achieved = joint.achieved(masks)
@@ -160,17 +162,17 @@ def test_keep_params_is_resolved_by_the_budget(llama):
     space = SearchSpace.from_model(llama)
     total = count_parameters(llama)
     keep = total - 40_000
-    config = SearchConfig(keep_params=keep, granularity="width+depth")
+    config = SearchConfig(preset="authors", keep_params=keep, granularity="width+depth")
     assert config.cost == "params" and config.sparsity == 0.3  # the config is not rewritten
     budget = Budget.of(space, config)
     assert budget.requested()["cost_sparsity"] == pytest.approx(40_000 / space.prunable_parameters())
     assert budget.requested()["cost_sparsity"] == sparsity_for_parameters(llama, keep)
     assert budget.requested()["keep_params"] == keep
     with pytest.raises(BudgetError, match="never pruned"):
-        Budget.of(space, SearchConfig(keep_params=10))
+        Budget.of(space, SearchConfig(preset="authors", keep_params=10))
     with pytest.raises(ValueError, match="parameter budget"):
-        SearchConfig(keep_params=keep, cost="flops")
-    config = SearchConfig(keep_params=keep, steps=2, batch_size=4, init_batches=1)
+        SearchConfig(preset="authors", keep_params=keep, cost="flops")
+    config = SearchConfig(preset="authors", keep_params=keep, steps=2, batch_size=4, init_batches=1)
     result = PolicyGradientSearch(llama, torch.randint(0, 200, (8, 16)), config).run(progress=False)
     kept = space.fixed_parameters + expected_cost(result.masks, unit_costs(space, "params"), space)
     assert kept <= keep
@@ -178,9 +180,9 @@ def test_keep_params_is_resolved_by_the_budget(llama):
 
 def test_removed_fractions_for_a_pruner_that_ranks_some_layers(llama):
     space = SearchSpace.from_model(llama)
-    per_type = Budget.of(space, SearchConfig(attn_sparsity=0.5, mlp_sparsity=0.25))
+    per_type = Budget.of(space, SearchConfig(preset="authors", attn_sparsity=0.5, mlp_sparsity=0.25))
     masks = UnitValues(torch.tensor([1.0, 0, 1, 1, 0, 0]), torch.ones(space.num_mlp_units))
     pools = {"attn": [0, 1], "mlp": [2]}
     assert per_type.removed_fractions(masks, pools) == {"attn": 0.5, "mlp": 0.25}
-    cost = Budget.of(space, SearchConfig(sparsity=0.2, cost="params"))
+    cost = Budget.of(space, SearchConfig(preset="authors", sparsity=0.2, cost="params"))
     assert cost.removed_fractions(masks, pools) == {"attn": 0.25, "mlp": 0.0}  # what the masks remove there

@@ -38,7 +38,7 @@ def test_search_is_forward_only_and_leaves_the_model_unchanged(llama):
     before = {k: v.clone() for k, v in llama.state_dict().items()}
     grad_enabled = []
     llama.register_forward_pre_hook(lambda m, a: grad_enabled.append(torch.is_grad_enabled()))
-    config = SearchConfig(steps=6, batch_size=4, init_batches=2)
+    config = SearchConfig(preset="authors", steps=6, batch_size=4, init_batches=2)
     result = PolicyGradientSearch(llama, _blocks(), config).run(progress=False)
     assert grad_enabled and not any(grad_enabled)
     assert all(p.grad is None for p in llama.parameters())
@@ -59,20 +59,21 @@ def test_model_is_restored_when_the_search_raises(llama):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        PolicyGradientSearch(llama, _blocks(), SearchConfig(steps=4, batch_size=4, init_batches=1)).run(
+        PolicyGradientSearch(llama, _blocks(), SearchConfig(preset="authors",
+                                                            steps=4, batch_size=4, init_batches=1)).run(
             progress=False, on_step=boom)
     assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
     assert all(not m._forward_pre_hooks for m in llama.modules())
 
 
 def test_uniform_budget_keeps_the_same_rate_in_every_layer(llama):
-    config = SearchConfig(steps=3, batch_size=4, init_batches=1, global_budget=False, sparsity=0.5)
+    config = SearchConfig(preset="authors", steps=3, batch_size=4, init_batches=1, global_budget=False, sparsity=0.5)
     result = PolicyGradientSearch(llama, _blocks(), config).run(progress=False)
     assert len(set(result.kept_per_layer())) == 1
 
 
 def test_resume_gives_the_same_mask_as_an_uninterrupted_run(llama, tmp_path):
-    config = SearchConfig(steps=8, batch_size=4, init_batches=1, checkpoint_every=3)
+    config = SearchConfig(preset="authors", steps=8, batch_size=4, init_batches=1, checkpoint_every=3)
     full = PolicyGradientSearch(llama, _blocks(), config).run(progress=False)
 
     state = tmp_path / "state.pt"
@@ -92,19 +93,21 @@ def test_resume_gives_the_same_mask_as_an_uninterrupted_run(llama, tmp_path):
 
 def test_mismatched_or_corrupt_resume_file_is_refused(llama, tmp_path):
     state = tmp_path / "state.pt"
-    PolicyGradientSearch(llama, _blocks(), SearchConfig(steps=2, batch_size=4, init_batches=1, checkpoint_every=1),
+    PolicyGradientSearch(llama, _blocks(), SearchConfig(preset="authors",
+                                                        steps=2, batch_size=4, init_batches=1, checkpoint_every=1),
                          checkpoint_path=state).run(progress=False)
     with pytest.raises(ResumeError, match="another model"):
-        PolicyGradientSearch(llama, _blocks(), SearchConfig(steps=3, batch_size=4, init_batches=1),
+        PolicyGradientSearch(llama, _blocks(), SearchConfig(preset="authors", steps=3, batch_size=4, init_batches=1),
                              checkpoint_path=state).run(progress=False)
     state.write_bytes(b"not a checkpoint")
     with pytest.raises(ResumeError, match="cannot read"):
-        PolicyGradientSearch(llama, _blocks(), SearchConfig(steps=2, batch_size=4, init_batches=1, checkpoint_every=1),
+        PolicyGradientSearch(llama, _blocks(), SearchConfig(preset="authors",
+                                                            steps=2, batch_size=4, init_batches=1, checkpoint_every=1),
                              checkpoint_path=state).run(progress=False)
 
 
 def test_result_save_and_load_round_trip(llama, tmp_path):
-    config = SearchConfig(steps=2, batch_size=4, init_batches=1)
+    config = SearchConfig(preset="authors", steps=2, batch_size=4, init_batches=1)
     result = PolicyGradientSearch(llama, _blocks(), config).run(progress=False)
     result.save(tmp_path / "r.pt")
     loaded = type(result).load(tmp_path / "r.pt")
@@ -118,12 +121,12 @@ def test_result_save_and_load_round_trip(llama, tmp_path):
 ])
 def test_bad_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        SearchConfig(**kwargs)
+        SearchConfig(**({"preset": "authors"} | kwargs))
 
 
 def test_too_little_calibration_text_is_refused_before_work(llama):
     with pytest.raises(ValueError, match="give more calibration text"):
-        PolicyGradientSearch(llama, _blocks(16), SearchConfig(steps=10, batch_size=4))
+        PolicyGradientSearch(llama, _blocks(16), SearchConfig(preset="authors", steps=10, batch_size=4))
 
 
 def test_nan_samples_are_skipped_and_counted(llama):
@@ -138,7 +141,7 @@ def test_nan_samples_are_skipped_and_counted(llama):
 
     llama.register_forward_hook(poison)
     init = UnitValues.full(space, 0.7)
-    config = SearchConfig(steps=4, batch_size=4)
+    config = SearchConfig(preset="authors", steps=4, batch_size=4)
     result = PolicyGradientSearch(llama, _blocks(), config, init_scores=init).run(progress=False)
     assert result.nan_samples == 2
     assert len(result.history["loss"]) == 2  # steps with < 2 valid samples make no update
@@ -146,7 +149,7 @@ def test_nan_samples_are_skipped_and_counted(llama):
 
 def test_search_state_directory_is_created(llama, tmp_path):
     state = tmp_path / "not" / "yet" / "there.pt"  # e.g. runs/ in a fresh clone
-    config = SearchConfig(steps=2, batch_size=4, init_batches=1, checkpoint_every=1)
+    config = SearchConfig(preset="authors", steps=2, batch_size=4, init_batches=1, checkpoint_every=1)
     PolicyGradientSearch(llama, _blocks(), config, checkpoint_path=state).run(progress=False)
     assert state.exists()
 
@@ -174,7 +177,8 @@ def test_search_with_gather_execution_matches_mask_execution(llama):
     blocks = torch.randint(0, 200, (8, 16), generator=torch.Generator().manual_seed(2))
     results = []
     for execution in ("mask", "gather"):
-        config = SearchConfig(sparsity=0.5, steps=3, batch_size=4, max_epochs=2, init="random", init_batches=1,
+        config = SearchConfig(preset="authors",
+                              sparsity=0.5, steps=3, batch_size=4, max_epochs=2, init="random", init_batches=1,
                               execution=execution)
         results.append(PolicyGradientSearch(llama, blocks, config).run(progress=False))
     torch.testing.assert_close(results[0].history["loss"], results[1].history["loss"], rtol=1e-5, atol=1e-5)
@@ -183,14 +187,15 @@ def test_search_with_gather_execution_matches_mask_execution(llama):
 
 def test_config_validates_execution():
     with pytest.raises(ValueError, match="execution"):
-        SearchConfig(execution="sparse")
+        SearchConfig(preset="authors", execution="sparse")
 
 
 @pytest.mark.parametrize("estimator", ["loo", "antithetic"])
 def test_search_runs_with_each_estimator(estimator):
     model = tiny_model("llama")
     blocks = torch.randint(0, 200, (8, 16), generator=torch.Generator().manual_seed(0))
-    config = SearchConfig(sparsity=0.5, steps=4, batch_size=4, max_epochs=2, samples_per_step=4, lr=0.05,
+    config = SearchConfig(preset="authors",
+                          sparsity=0.5, steps=4, batch_size=4, max_epochs=2, samples_per_step=4, lr=0.05,
                           estimator=estimator)
     start = UnitValues.full(SearchSpace.from_model(model), 0.5)
     result = PolicyGradientSearch(model, blocks, config, init_scores=start).run(progress=False)
@@ -201,7 +206,8 @@ def test_search_runs_with_each_estimator(estimator):
 
 def test_search_with_blocks_runs_resumes_and_saves(llama, tmp_path):
     blocks = torch.randint(0, 200, (48, 16), generator=torch.Generator().manual_seed(0))
-    config = SearchConfig(sparsity=0.4, steps=6, batch_size=4, init_batches=2, granularity="width+depth",
+    config = SearchConfig(preset="authors",
+                          sparsity=0.4, steps=6, batch_size=4, init_batches=2, granularity="width+depth",
                           checkpoint_every=3)
     assert config.cost == "params"  # depth granularities always use one budget
     full = PolicyGradientSearch(llama, blocks, config).run(progress=False)
@@ -235,7 +241,8 @@ def test_search_with_blocks_runs_resumes_and_saves(llama, tmp_path):
 
 def test_depth_search_only_moves_blocks(llama):
     blocks = torch.randint(0, 200, (32, 16), generator=torch.Generator().manual_seed(0))
-    result = PolicyGradientSearch(llama, blocks, SearchConfig(sparsity=0.3, steps=4, batch_size=4, init_batches=2,
+    result = PolicyGradientSearch(llama, blocks, SearchConfig(preset="authors",
+                                                              sparsity=0.3, steps=4, batch_size=4, init_batches=2,
                                                               granularity="depth", init="constant")).run(progress=False)
     assert torch.equal(result.probs.attn, torch.ones_like(result.probs.attn))
     assert torch.equal(result.masks.mlp, torch.ones_like(result.masks.mlp))

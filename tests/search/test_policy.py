@@ -139,9 +139,9 @@ def test_non_finite_losses_drop_whole_antithetic_pairs():
 
 def test_unknown_estimator_is_rejected_before_work():
     with pytest.raises(ValueError, match="estimator"):
-        SearchConfig(estimator="vimco")
+        SearchConfig(preset="authors", estimator="vimco")
     with pytest.raises(ValueError, match="even"):
-        SearchConfig(estimator="antithetic", samples_per_step=3)
+        SearchConfig(preset="authors", estimator="antithetic", samples_per_step=3)
     with pytest.raises(ValueError, match="unknown estimator"):
         policy_gradient("vimco", torch.ones(2), torch.ones(2, 4), PROBS, 0.0)
 

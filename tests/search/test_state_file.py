@@ -25,20 +25,22 @@ def test_a_corrupt_file_is_one_sentence(tmp_path):
 def test_a_mismatch_names_the_field(llama, tmp_path):
     space = SearchSpace.from_model(llama)
     path = tmp_path / "state.pt"
-    write_state(path, signature(SearchConfig(steps=4), space, 8), {"step": 2}, seconds=3.0)
+    write_state(path, signature(SearchConfig(preset="authors", steps=4), space, 8), {"step": 2}, seconds=3.0)
     saved = read_state(path)
     assert saved.step == 2 and saved.seconds == 3.0
-    check_signature(saved, signature(SearchConfig(steps=4, checkpoint_every=1), space, 8), path)  # not compared
+    check_signature(saved, signature(SearchConfig(preset="authors",
+                                                  steps=4, checkpoint_every=1), space, 8), path)  # not compared
     with pytest.raises(ResumeError, match="steps was 4, this run has 5"):
-        check_signature(saved, signature(SearchConfig(steps=5), space, 8), path)
+        check_signature(saved, signature(SearchConfig(preset="authors", steps=5), space, 8), path)
     with pytest.raises(ResumeError, match="number of calibration batches was 8, this run has 9"):
-        check_signature(saved, signature(SearchConfig(steps=4), space, 9), path)
+        check_signature(saved, signature(SearchConfig(preset="authors", steps=4), space, 9), path)
     with pytest.raises(ResumeError, match="number of decoder layers was 3, this run has 2"):
-        check_signature(saved, signature(SearchConfig(steps=4), space.with_layers(space.layers[:2]), 8), path)
+        check_signature(saved, signature(SearchConfig(preset="authors",
+                                                      steps=4), space.with_layers(space.layers[:2]), 8), path)
 
 
 def test_resumed_search_counts_the_seconds_before_the_interruption(llama, tmp_path):
-    config = SearchConfig(steps=4, batch_size=4, init_batches=1, checkpoint_every=1)
+    config = SearchConfig(preset="authors", steps=4, batch_size=4, init_batches=1, checkpoint_every=1)
     state = tmp_path / "state.pt"
 
     def stop_at_2(step, _state):
