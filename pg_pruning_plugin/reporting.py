@@ -19,7 +19,10 @@ both write as :data:`REPORT_FILE` next to the pruned model. Its keys:
 ``round_to``, ``group_sizes``  MLP width multiple of the search, group sizes the widths were rounded for
 ``search``                 ``steps``, ``samples_per_step``, ``seconds``, ``nan_samples``, ``final_loss``
 ``config``                 the :class:`~pg_pruning_plugin.search.config.SearchConfig` as a dict
-``evaluation``             ``dense_ppl``, ``pruned_ppl``, ``protocol`` (``pg-prune prune``), or None
+``evaluation``             ``dense_ppl``, ``pruned_ppl``, ``protocol`` and, with a comparison, ``baseline``
+                           (``method``, ``refit``, ``ppl`` on the same windows) (``pg-prune prune``), or None
+``refit``                  the refit of the surviving weights (``refit.RefitReport.as_dict``: method,
+                           damping, tokens, seconds, per-projection errors before/after), or None
 ``distributed``            how the search's steps were split over ranks
                            (``core.distributed.StepSplit.as_dict``: ``world_size``, ``sample_groups``,
                            ``data_shards``, candidates and sequences per rank); world size 1 for one process
@@ -82,7 +85,7 @@ def _summary(budget: Budget, report: dict) -> str:
 def pruning_report(before: SearchSpace, masks: UnitValues, budget: Budget, result: SearchResult, *,
                    params: tuple[int, int] | None = None, group_sizes: Sequence[int] = (),
                    evaluation: dict | None = None, run: dict | None = None,
-                   distributed: dict | None = None) -> dict:
+                   distributed: dict | None = None, refit: dict | None = None) -> dict:
     """The report of pruning ``before`` (the unpruned space) to the final ``masks`` under ``budget``
     (module docstring). ``params``: all parameters of the model before and after removal; ``distributed``:
     the search's ``split.as_dict()`` (default: one process)."""
@@ -119,6 +122,7 @@ def pruning_report(before: SearchSpace, masks: UnitValues, budget: Budget, resul
                    "final_loss": losses[-1] if losses else None},
         "config": dataclasses.asdict(result.config),
         "evaluation": evaluation,
+        "refit": refit,
         "distributed": distributed or {"world_size": 1},
         "run": run,
     }

@@ -30,9 +30,11 @@ PG_PRUNE = str(Path(sys.executable).parent / "pg-prune")
 
 @pytest.mark.parametrize("argv,message", [
     (["--sparsity", "1.2"], "must be in (0, 1)"),
-    (["--mlp-sparsity", "0"], "must be in (0, 1)"),
+    (["--preset", "authors", "--mlp-sparsity", "0"], "must be in (0, 1)"),
+    (["--mlp-sparsity", "0.3"], "use preset='authors'"),  # the allocation preset has one budget
     (["--samples", "1"], "samples_per_step"),
-    (["--init", "magnitude", "--round-to", "0"], "round_to"),
+    (["--preset", "authors", "--init", "magnitude", "--round-to", "0"], "round_to"),
+    (["--baseline", "flap", "--preset", "authors"], "prunable-parameter budget"),  # a baseline needs a parameter budget
     (["--model", "/no/such/model"], "does not exist"),
     (["--text", "notes.txt"], "neither a built-in source"),
     (["--text", "{tmp}/notes.txt"], "no held-out split"),
@@ -61,7 +63,7 @@ def test_output_on_or_around_the_input_model_is_refused(tmp_path, capsys):
 
 def test_the_embedded_model_and_the_cache_are_never_the_output(capsys):
     for output in (gguf_cache_path(smollm2_gguf()), smollm2_gguf().parent):  # default --model: its cache, its wheel
-        assert main(["prune", "--output", str(output), "--overwrite", "--uniform"]) == 2
+        assert main(["prune", "--output", str(output), "--overwrite"]) == 2
         assert "the input model" in capsys.readouterr().err
 
 
@@ -125,8 +127,9 @@ def test_missing_text_file_is_refused_before_the_model_loads(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--granularity", "depth", "--uniform"], "one global budget"),
-    (["--cost", "params", "--attn-sparsity", "0.2"], "one ratio"),
+    (["--preset", "authors", "--granularity", "depth", "--uniform"], "one global budget"),
+    (["--preset", "authors", "--cost", "params", "--attn-sparsity", "0.2"], "one ratio"),
+    (["--granularity", "depth"], "the allocation policy searches widths"),
 ])
 def test_bad_budget_options_are_refused(argv, message, tmp_path, capsys):
     assert main(["prune", "--output", str(tmp_path / "out"), *argv]) == 2
@@ -138,7 +141,8 @@ def test_prune_with_blocks_and_a_parameter_target(tok, tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     total = count_parameters(save_tiny(model_dir, tok, num_hidden_layers=4))
     keep = total - 60_000  # about half of the 155,648 prunable parameters
-    argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--granularity", "width+depth",
+    argv = ["prune", "--model", str(model_dir), "--output", str(tmp_path / "out"), "--preset", "authors",
+            "--granularity", "width+depth",
             "--keep-params", str(keep), "--steps", "3", "--batch-size", "2", "--init-batches", "1",
             "--eval-windows", "2"]
     assert main(argv) == 0
@@ -194,4 +198,5 @@ def test_help_is_instant_quiet_and_shows_the_defaults():
     assert helped.returncode == 0 and helped.stderr == "" and "export-gguf" in helped.stdout
     prune_help = " ".join(subprocess.run([PG_PRUNE, "prune", "--help"], capture_output=True, text=True,
                                          timeout=300).stdout.split())
-    assert "(default: 100)" in prune_help and "(default: smollm2-135m)" in prune_help
+    assert "(default: allocation)" in prune_help and "(default: smollm2-135m)" in prune_help
+    assert "(default: lstsq)" in prune_help and "allocation: 100" in prune_help
