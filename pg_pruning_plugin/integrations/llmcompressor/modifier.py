@@ -25,6 +25,7 @@ from ...compat.llmcompressor import patch_save_pretrained
 from ...core import distributed
 from ...core.architectures import SearchSpace, architecture_of, count_parameters, projections
 from ...core.removal import prune_model
+from ...refit import REFIT_METHODS, refit
 from ...reporting import REPORT_FILE, format_accounting, pruning_report
 from ...search.budget import Budget
 from ...search.config import SearchConfig, SearchResult
@@ -73,9 +74,8 @@ class PolicyGradientPruningModifier(Modifier):
         pruning_stage:
           pruning_modifiers:
             PolicyGradientPruningModifier:
-              sparsity: 0.3
-              global_budget: false
-              steps: 500
+              sparsity: 0.3      # of the prunable parameters (allocation preset)
+              steps: 100
               seq_len: 128
         quant_stage:
           quant_modifiers:
@@ -88,7 +88,8 @@ class PolicyGradientPruningModifier(Modifier):
       order are checked, the kept widths are rounded for every later group quantization (``widths.py``;
       an impossible group size or an unreachable budget fails here, before the search), the calibration
       batches of ``oneshot`` are cached once and re-batched into search blocks, the search runs with
-      full-model forward passes under ``torch.no_grad()``, and the chosen KV groups, MLP channels and
+      full-model forward passes under ``torch.no_grad()``, the surviving weights are refitted on the same
+      batches (``refit``, default least squares, docs/refit.md), and the chosen KV groups, MLP channels and
       whole blocks are removed (``core.removal.prune_model``; a decoder layer that loses both blocks is
       deleted). The later quantization modifiers then see the smaller model.
     * ``on_finalize``: ``model.save_pretrained`` is wrapped so that the saved ``config.json`` records the
@@ -101,12 +102,13 @@ class PolicyGradientPruningModifier(Modifier):
     """
 
     # -- the search (SearchConfig's fields) -----------------------------------------------------
-    sparsity: float = Field(0.3, description="fraction of units removed (or of the cost, with a cost budget)")
+    sparsity: float = Field(0.3, description="fraction removed: of the prunable parameters (allocation preset, or "
+                                             "of the cost with a cost budget), or of each unit type (authors)")
     attn_sparsity: float | None = Field(None, description="fraction of KV groups removed (default: sparsity)")
     mlp_sparsity: float | None = Field(None, description="fraction of MLP channels removed (default: sparsity)")
     global_budget: bool = Field(True, description="one pool over all layers (per-layer widths differ)")
-    preset: str = Field("authors", description="fills the fields left at None: authors (the paper's per-unit "
-                                               "search) | allocation (search.config.PRESETS)")
+    preset: str = Field("allocation", description="fills the fields left at None: allocation (per-layer widths, "
+                                                  "docs/method.md) | authors (the paper's per-unit search)")
     policy: str | None = Field(None, description="units | allocation (None: the preset's)")
     steps: int | None = Field(None, description="optimisation steps; needs steps x batch_size blocks (or max_epochs); "
                                                 "authors preset: 15000")
@@ -146,6 +148,8 @@ class PolicyGradientPruningModifier(Modifier):
     custom_costs: dict[str, float] | None = Field(None, description="cost=custom: {attn: c, mlp: c} per unit")
     keep_params: int | None = Field(None, description="one parameter budget: parameters left in the whole model")
     # -- the modifier's own ---------------------------------------------------------------------
+    refit: str = Field("lstsq", description="repair of the surviving weights on the calibration blocks before "
+                                            "removal: lstsq | bias | none (docs/refit.md)")
     seq_len: int | None = Field(None, ge=2, description="cut calibration sequences into blocks of this many "
                                                         "tokens for the search (None: as oneshot delivers them)")
     checkpoint_path: str | None = Field(None, description="search-state file; an existing one is resumed "
@@ -158,6 +162,8 @@ class PolicyGradientPruningModifier(Modifier):
     @model_validator(mode="after")
     def _valid_search_config(self):
         config = self.search_config()  # SearchConfig's own range and name checks, at recipe-parse time
+        if self.refit not in REFIT_METHODS:
+            raise ValueError(f"refit must be one of {', '.join(REFIT_METHODS)}, got {self.refit!r}")
         if self.custom_costs is not None and config.cost != "custom":
             raise ValueError(f"custom_costs is only read with cost: custom (cost is {config.cost!r}); "
                              f"set cost: custom or remove custom_costs")
@@ -202,10 +208,12 @@ class PolicyGradientPruningModifier(Modifier):
             search = PolicyGradientSearch(model, batches, config, checkpoint_path=self.checkpoint_path)
             result = search.run()
             masks = quantizable_masks(result, attn_multiple, mlp_multiple)
+            refit_report = refit(model, masks, batches, self.refit, damping=self.refit_damping)
             prune_model(model, masks)
         self._result = result
         self._report = pruning_report(space, masks, search.budget, result, params=(params_before,
-                                      count_parameters(model)), group_sizes=[g for _, g in group_sizes.values()])
+                                      count_parameters(model)), group_sizes=[g for _, g in group_sizes.values()],
+                                      refit=refit_report.as_dict())
         logger.info("{}: {}", type(self).__name__, self._report["summary"])
         logger.info("{}", format_accounting(self._report["accounting"]))
         return True

@@ -43,19 +43,7 @@ from pg_pruning_plugin.integrations.llmcompressor import (
 )
 from pg_pruning_plugin.integrations.llmcompressor import modifier as modifier_module
 from pg_pruning_plugin.reporting import REPORT_FILE
-from tests.helpers import QUANT_TINY, QUANT_VOCAB, RECIPES
-
-# 30 % of 512 channels leaves 358 or so: not a multiple of 64 or 128, so group sizes force rounding.
-# Half of the 4 KV groups go: 4 query heads divide the hidden size, as LlamaConfig requires (30 % of
-# the KV groups per layer would leave 6 heads, which only load_pruned can load; tested below).
-FAST = {"steps": 3, "batch_size": 4, "init_batches": 2, "seq_len": None, "sparsity": 0.3, "attn_sparsity": 0.5}
-
-
-def _recipe(name: str, **overrides) -> str:
-    """A shipped recipe as YAML text, with the pruning modifier's search shrunk for the test."""
-    recipe = yaml.safe_load((RECIPES / name).read_text())
-    recipe["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"].update(FAST | overrides)
-    return yaml.safe_dump(recipe, sort_keys=False)
+from tests.helpers import QUANT_TINY, QUANT_VOCAB, RECIPES, fast_recipe
 
 
 def _oneshot(llmc_dir, llmc_calib, recipe, **kwargs):
@@ -82,10 +70,14 @@ PROBE = torch.arange(3, 3 + 24).view(2, 12)
     ("pg_prune_w8a8.yaml", {}, None),
 ])
 def test_recipe_prunes_quantizes_saves_and_reloads(llmc_dir, llmc_calib, tmp_path, recipe, overrides, group_size):
-    model = _oneshot(llmc_dir, llmc_calib, _recipe(recipe, **overrides))
+    text = fast_recipe(recipe, **overrides)
+    fields = yaml.safe_load(text)["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]
+    allocation = fields["preset"] == "allocation"
+    model = _oneshot(llmc_dir, llmc_calib, text)
     widths = _widths(model)
     assert all(o < 8 * 32 for o, _ in widths) or all(d < 512 for _, d in widths)  # something was removed
-    assert sum(d for _, d in widths) <= 2 * 512 * 0.75  # about 30 % of the MLP channels went
+    if not allocation:
+        assert sum(d for _, d in widths) <= 2 * 512 * 0.75  # about 30 % of the MLP channels went
     if group_size:
         assert all(o % group_size == 0 and d % group_size == 0 for o, d in widths), widths
     quantized = recipe != "pg_prune.yaml"
@@ -102,13 +94,16 @@ def test_recipe_prunes_quantizes_saves_and_reloads(llmc_dir, llmc_calib, tmp_pat
     report = json.loads((out / REPORT_FILE).read_text())
     assert report["group_sizes"] == ([group_size] if group_size else [])
     assert report["kept_per_layer"] == [{"q_heads": o // 32, "kv_heads": o // 64, "mlp": d} for o, d in widths]
+    assert report["refit"]["method"] == fields["refit"] == "lstsq" and report["refit"]["tokens"] > 0
+    if allocation:  # one budget: 30 % of the prunable parameters, split between KV groups and channels by the search
+        prunable = report["accounting"]["prunable_params"]
+        assert prunable["kept"] <= prunable["requested"] == pytest.approx(0.7 * prunable["dense"], rel=1e-3)
 
     reloaded = load_pruned(out)
     assert _widths(reloaded) == widths
     with torch.no_grad():
         torch.testing.assert_close(reloaded(PROBE).logits, expected, rtol=1e-4, atol=1e-4)
-    uniform = not yaml.safe_load(_recipe(recipe, **overrides))["pruning_stage"]["pruning_modifiers"][
-        "PolicyGradientPruningModifier"]["global_budget"]
+    uniform = not fields.get("global_budget", True)
     if uniform:  # one width in every layer: stock from_pretrained reads the standard config fields
         assert len(set(widths)) == 1 and QUANT_TINY["hidden_size"] % (widths[0][0] // 32) == 0
         assert saved["intermediate_size"] == widths[0][1] and saved["num_attention_heads"] * 32 == widths[0][0]
@@ -116,7 +111,7 @@ def test_recipe_prunes_quantizes_saves_and_reloads(llmc_dir, llmc_calib, tmp_pat
         assert _widths(stock) == widths
         with torch.no_grad():
             torch.testing.assert_close(stock(PROBE).logits, expected, rtol=1e-4, atol=1e-4)
-    else:
+    elif not allocation:
         assert len(set(widths)) > 1  # the global budget gave per-layer widths; load_pruned read them
 
 
@@ -130,7 +125,7 @@ def test_model_offloaded_before_oneshot_and_head_count_llama_rejects(llmc_dir, l
     set_onload_device(model, "cpu")
     assert isinstance(model.model.layers[0].mlp.down_proj._parameters, OffloadCache)
     oneshot(model=model, processor=PreTrainedTokenizerFast.from_pretrained(llmc_dir), dataset=llmc_calib,
-            recipe=_recipe("pg_prune_fp8_dynamic.yaml", attn_sparsity=0.3), num_calibration_samples=len(llmc_calib),
+            recipe=fast_recipe("pg_prune_fp8_dynamic.yaml", attn_sparsity=0.3), num_calibration_samples=len(llmc_calib),
             max_seq_length=32, shuffle_calibration_samples=False)
     widths = _widths(model)
     assert widths == [(6 * 32, widths[0][1])] * 2 and widths[0][1] < 512
@@ -148,12 +143,12 @@ def test_model_offloaded_before_oneshot_and_head_count_llama_rejects(llmc_dir, l
 
 def test_resume_reuses_a_finished_search(llmc_dir, llmc_calib, tmp_path):
     state = tmp_path / "search.pt"
-    first = _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune.yaml", checkpoint_path=str(state)))
+    first = _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune.yaml", checkpoint_path=str(state)))
     assert state.is_file()
-    again = _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune.yaml", checkpoint_path=str(state)))
+    again = _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune.yaml", checkpoint_path=str(state)))
     assert _widths(again) == _widths(first)
     with pytest.raises(ResumeError, match="another model, calibration set or configuration"):
-        _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune.yaml", checkpoint_path=str(state), sparsity=0.5))
+        _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune.yaml", checkpoint_path=str(state), sparsity=0.5))
 
 
 # ------------------------------------------------------------------------------- blocks, cost budget
@@ -171,7 +166,7 @@ DEPTH = {"attn_sparsity": None}
 ], ids=["width+depth", "depth", "flops", "gptq-w4a16"])
 def test_block_recipe_prunes_saves_and_reloads(llmc_deep_dir, llmc_calib, tmp_path, recipe, overrides):
     out = tmp_path / "out"
-    text = _recipe(recipe, **DEPTH | overrides)
+    text = fast_recipe(recipe, **DEPTH | overrides)
     quantized = recipe != "pg_prune_depth.yaml"
     if quantized:  # saving compresses the in-memory weights: take the logits first
         model = _oneshot(llmc_deep_dir, llmc_calib, text)
@@ -239,7 +234,8 @@ def test_quantizable_masks_keep_blocks_and_skip_removed_widths(llmc_deep_dir):
     masks = UnitValues((probs.attn > 0.5).float(), (probs.mlp > 0.5).float(), probs.attn_blocks.clone(),
                        probs.mlp_blocks.clone())
     masks.attn[space.attn_slice(1)] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # removed block: left as it is
-    result = SearchResult(probs=probs, masks=masks, space=space, config=SearchConfig(granularity="depth"))
+    result = SearchResult(probs=probs, masks=masks, space=space, config=SearchConfig(preset="authors",
+                                                                                     granularity="depth"))
     rounded = quantizable_masks(result, attn_multiple=2, mlp_multiple=128)
     assert torch.equal(rounded.attn_blocks, masks.attn_blocks) and torch.equal(rounded.mlp_blocks, masks.mlp_blocks)
     assert rounded.attn[space.attn_slice(1)].tolist() == [1.0, 0.0, 0.0, 0.0]
@@ -264,7 +260,7 @@ def test_quantizable_masks_keep_blocks_and_skip_removed_widths(llmc_deep_dir):
 ])
 def test_block_and_cost_fields_are_validated_when_the_recipe_is_parsed(fields, message):
     with pytest.raises(ValidationError, match=message):
-        PolicyGradientPruningModifier(**fields)
+        PolicyGradientPruningModifier(preset="authors", **fields)  # the units policy's fields
     text = yaml.safe_load((RECIPES / "pg_prune_depth.yaml").read_text())
     text["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"].update(fields)
     with pytest.raises(ValidationError, match=message):
@@ -274,7 +270,7 @@ def test_block_and_cost_fields_are_validated_when_the_recipe_is_parsed(fields, m
 def test_valid_block_and_cost_fields():
     config = PolicyGradientPruningModifier(cost="custom", custom_costs={"attn": 2, "mlp": 0.5}).search_config()
     assert config.cost == "custom" and config.custom_costs == {"attn": 2.0, "mlp": 0.5}
-    assert PolicyGradientPruningModifier(granularity="depth").search_config().cost == "params"  # depth default
+    assert PolicyGradientPruningModifier(preset="authors", granularity="depth").search_config().cost == "params"  # depth
     (modifier,) = Recipe.create_instance((RECIPES / "pg_prune_depth.yaml").read_text()).modifiers
     assert (modifier.granularity, modifier.cost, modifier.cost_seq_len) == ("width+depth", "params", 2048)
 
@@ -283,9 +279,9 @@ def test_unreachable_budget_fails_before_the_search(llmc_dir, llmc_calib, monkey
     monkeypatch.setattr(modifier_module, "PolicyGradientSearch", _no_search)
     # 2 layers: at least one attention block (1/6 of the parameters) must stay
     with pytest.raises(BudgetError, match=r"reachable: sparsity in \(0, 0\.8333\]"):
-        _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_depth.yaml", granularity="depth", sparsity=0.9, **DEPTH))
+        _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_depth.yaml", granularity="depth", sparsity=0.9, **DEPTH))
     with pytest.raises(_SearchStarted):
-        _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_depth.yaml", granularity="depth", sparsity=0.8, **DEPTH))
+        _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_depth.yaml", granularity="depth", sparsity=0.8, **DEPTH))
 
 
 def test_write_pruned_config_restores_layer_count(llmc_deep_dir, tmp_path):
@@ -316,7 +312,7 @@ def test_fields_are_those_of_the_search_config():
 
 
 def test_misspelled_field_names_the_field():
-    text = _recipe("pg_prune.yaml").replace("sparsity: 0.3", "sparsty: 0.3")
+    text = fast_recipe("pg_prune.yaml").replace("sparsity: 0.3", "sparsty: 0.3")
     with pytest.raises(ValidationError, match=r"sparsty\s+Extra inputs are not permitted"):
         Recipe.create_instance(text)
     with pytest.raises(ValidationError, match="init="):
@@ -326,7 +322,7 @@ def test_misspelled_field_names_the_field():
 
 
 def test_quantization_before_pruning_is_refused(llmc_dir, llmc_calib):
-    recipe = yaml.safe_load(_recipe("pg_prune_gptq_w4a16.yaml"))
+    recipe = yaml.safe_load(fast_recipe("pg_prune_gptq_w4a16.yaml"))
     recipe = {"quant_stage": recipe["quant_stage"], "pruning_stage": recipe["pruning_stage"]}
     with pytest.raises(RecipeOrderError, match="Move PolicyGradientPruningModifier first"):
         _oneshot(llmc_dir, llmc_calib, yaml.safe_dump(recipe, sort_keys=False))
@@ -342,20 +338,20 @@ def _no_search(*args, **kwargs):
 
 def test_impossible_group_size_fails_before_the_search(llmc_dir, llmc_calib, monkeypatch):
     monkeypatch.setattr(modifier_module, "PolicyGradientSearch", _no_search)
-    recipe = _recipe("pg_prune_gptq_w4a16_g64.yaml").replace("group_size: 64", "group_size: 96")
+    recipe = fast_recipe("pg_prune_gptq_w4a16_g64.yaml").replace("group_size: 64", "group_size: 96")
     with pytest.raises(ValueError, match="group size 96.*hidden size 128"):
         _oneshot(llmc_dir, llmc_calib, recipe)
     with pytest.raises(ValueError, match="multiples of 1024.*only 512 channels"):
-        _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_gptq_w4a16.yaml", round_to=1024))
+        _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_gptq_w4a16.yaml", round_to=1024))
     with pytest.raises(_SearchStarted):  # the sentinel works: a valid recipe reaches the search
-        _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_gptq_w4a16_g64.yaml"))
+        _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_gptq_w4a16_g64.yaml"))
 
 
 def test_no_calibration_data(llmc_dir, monkeypatch):
     monkeypatch.setattr(modifier_module, "PolicyGradientSearch", _no_search)
     model = AutoModelForCausalLM.from_pretrained(llmc_dir)
     with pytest.raises(ValueError, match="needs calibration data.*dataset="):
-        oneshot(model=model, recipe=_recipe("pg_prune.yaml"))
+        oneshot(model=model, recipe=fast_recipe("pg_prune.yaml"))
 
 
 def test_unsupported_architecture_fails_first(tmp_path):

@@ -10,23 +10,16 @@ import subprocess
 import sys
 
 import torch
-import yaml
 from llmcompressor import oneshot
 from llmcompressor.recipe import Recipe
 from loguru import logger
 from transformers import PreTrainedTokenizerFast
 
 from pg_pruning_plugin import load_pruned
-from tests.helpers import QUANT_TINY, QUANT_VOCAB, RECIPES, save_tiny, word_tokenizer
+from tests.helpers import QUANT_TINY, QUANT_VOCAB, fast_recipe, save_tiny, word_tokenizer
 
-FAST = {"steps": 3, "batch_size": 4, "init_batches": 2, "seq_len": None, "sparsity": 0.3, "attn_sparsity": 0.5}
 PROBE = torch.arange(3, 3 + 24).view(2, 12)
 
-
-def _recipe(name: str, **overrides) -> str:
-    recipe = yaml.safe_load((RECIPES / name).read_text())
-    recipe["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"].update(FAST | overrides)
-    return yaml.safe_dump(recipe, sort_keys=False)
 
 
 def _oneshot(model_dir, calib, recipe: str, output_dir) -> None:
@@ -40,11 +33,11 @@ def test_plain_oneshot_shows_the_summary_in_llmcompressors_log(llmc_dir, llmc_ca
     messages: list[str] = []
     sink = logger.add(lambda message: messages.append(message.record["message"]), level="INFO")
     try:
-        _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune.yaml"), tmp_path / "out")
+        _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune.yaml"), tmp_path / "out")
     finally:
         logger.remove(sink)
-    summary = [m for m in messages if m.startswith("PolicyGradientPruningModifier: pruned KV groups")]
-    assert summary and "prunable parameters" in summary[0]
+    summary = [m for m in messages if m.startswith("PolicyGradientPruningModifier: cost budget (params")]
+    assert summary and "of the prunable parameters (requested 30.0%)" in summary[0]
     assert any("kept per layer" in m or "layer  attn block" in m for m in messages)
 
 
@@ -53,7 +46,7 @@ def test_oneshot_into_the_models_own_directory_is_refused_before_writing(llmc_ca
     save_tiny(model_dir, word_tokenizer(QUANT_VOCAB), **QUANT_TINY)
     before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
     try:
-        _oneshot(model_dir, llmc_calib, _recipe("pg_prune.yaml"), model_dir)
+        _oneshot(model_dir, llmc_calib, fast_recipe("pg_prune.yaml"), model_dir)
     except ValueError as exc:
         assert "input model" in str(exc)
     else:
@@ -66,7 +59,7 @@ def test_stock_from_pretrained_on_a_per_layer_compressed_output(llmc_dir, llmc_c
     model's logits (the quantizer takes each weight as stored), but the Linear attributes come from the
     config's single widths (the widest layer's), not from the weights: load_pruned gives the true ones."""
     out = tmp_path / "out"
-    _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_fp8_dynamic.yaml", global_budget=True), out)
+    _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_fp8_dynamic.yaml", global_budget=True), out)
     saved = json.loads((out / "config.json").read_text())
     widths = [w["intermediate_size"] for w in saved["pruned_layers"]]
     assert len(set(widths)) > 1 and saved["intermediate_size"] == max(widths)
@@ -95,8 +88,8 @@ def test_stock_from_pretrained_on_a_per_layer_compressed_output(llmc_dir, llmc_c
 def test_which_saved_recipes_llmcompressor_reads_back(llmc_dir, llmc_calib, tmp_path):
     """llmcompressor 0.14 writes GPTQ's activation ordering (and SmoothQuant's mappings) with Python YAML tags
     that its own safe loader refuses; FP8_DYNAMIC and pruning-only recipes read back."""
-    _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_fp8_dynamic.yaml"), tmp_path / "fp8")
-    _oneshot(llmc_dir, llmc_calib, _recipe("pg_prune_gptq_w4a16_g64.yaml"), tmp_path / "gptq")
+    _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_fp8_dynamic.yaml"), tmp_path / "fp8")
+    _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_gptq_w4a16_g64.yaml"), tmp_path / "gptq")
     fp8 = Recipe.create_instance((tmp_path / "fp8" / "recipe.yaml").read_text())
     assert [type(m).__name__ for m in fp8.modifiers] == ["PolicyGradientPruningModifier", "QuantizationModifier"]
     saved = (tmp_path / "gptq" / "recipe.yaml").read_text()
