@@ -6,11 +6,13 @@
     from pg_pruning_plugin.integrations.torch_pruning import PolicyGradientImportance, build_pruner
 
     importance = PolicyGradientImportance(search_result, model)   # or a path written by SearchResult.save
-    pruner = build_pruner(model, importance, attn_ratio=0.3, mlp_ratio=0.3)   # a tp.pruner.BasePruner
+    pruner = build_pruner(model, importance, attn_ratio=0.3, mlp_ratio=0.3,   # a tp.pruner.BasePruner
+                          calibration=token_ids)   # [N, T]: the kept weights are refitted (least squares)
     pruner.step()                      # whole KV groups and MLP channels removed, config updated
 
 A pruner built by hand, or as Torch-Pruning's LLM example builds one, prunes with
-``prune_step(pruner)`` instead of its own ``step()`` (which the importance refuses before pruning).
+``prune_step(pruner, refit_with=StepRefit(calibration=token_ids))`` instead of its own ``step()``
+(which the importance refuses before pruning).
 
 ``importance.py`` scores units and recognises Torch-Pruning's group layouts; ``ledger.py`` tracks
 which units are still present; ``pruner.py`` plans ratios and runs the steps. The Torch-Pruning
@@ -28,12 +30,13 @@ from ...compat.torch_pruning import (
 )
 from .importance import GroupLayoutError, PolicyGradientImportance
 from .ledger import UnitLedger
-from .pruner import PolicyGradientPruner, StepReport, build_pruner, prune_step
+from .pruner import PolicyGradientPruner, StepRefit, StepReport, build_pruner, prune_step
 
 __all__ = [
     "GroupLayoutError",
     "PolicyGradientImportance",
     "PolicyGradientPruner",
+    "StepRefit",
     "StepReport",
     "UnitLedger",
     "build_pruner",

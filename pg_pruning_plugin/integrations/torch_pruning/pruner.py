@@ -39,11 +39,13 @@ from ...compat.torch_pruning import (
 from ...core.architectures import SearchSpace, decoder_layers
 from ...core.removal import remove_blocks, update_config
 from ...core.selection import removed_count
+from ...core.units import UnitValues
+from ...refit import REFIT_METHODS, refit
 from ...search.budget import Budget
 from .importance import GroupLayoutError, PolicyGradientImportance
 from .ledger import ATTN, MLP, format_blocks
 
-__all__ = ["PolicyGradientPruner", "StepReport", "build_pruner", "prune_step"]
+__all__ = ["PolicyGradientPruner", "StepRefit", "StepReport", "build_pruner", "prune_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +92,41 @@ def _check_pruner(pruner: tp.pruner.BasePruner, importance: PolicyGradientImport
             )
 
 
-def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportance | None = None) -> StepReport:
+@dataclasses.dataclass(frozen=True)
+class StepRefit:
+    """The weight refit of every pruning step: ``method`` (``refit.REFIT_METHODS``) on ``calibration``
+    (``[N, T]`` token ids or a list of batches) with ``damping``. ``method=None``: least squares when
+    calibration is given, else none."""
+
+    method: str | None = None
+    calibration: torch.Tensor | Sequence | None = None
+    damping: float = 0.01
+
+    def resolved(self) -> str:
+        method = self.method or ("lstsq" if self.calibration is not None else "none")
+        if method not in REFIT_METHODS:
+            raise ValueError(f"refit={method!r}; choose one of {', '.join(REFIT_METHODS)}")
+        if method != "none" and self.calibration is None:
+            raise ValueError(f"refit={method!r} needs calibration= (token ids [N, T] or a list of batches): the "
+                             f"refit fits the kept weights to the unpruned outputs on that text")
+        return method
+
+
+def _step_masks(model: nn.Module, plan: list, blocks: Sequence[tuple[int, str]]) -> UnitValues:
+    """Keep masks over the *current* model's units: 0 for the units this step's groups remove (and for
+    ``blocks``, removed after them)."""
+    space = SearchSpace.from_model(model)
+    masks = UnitValues.full(space, 1.0, blocks=bool(blocks))
+    for _, kind, layer, positions in plan:
+        flat, where = (masks.attn, space.attn_slice(layer)) if kind == ATTN else (masks.mlp, space.mlp_slice(layer))
+        flat[where.start + torch.tensor(positions, dtype=torch.long)] = 0.0
+    for layer, kind in blocks:
+        (masks.attn_blocks if kind == ATTN else masks.mlp_blocks)[layer] = 0.0
+    return masks
+
+
+def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportance | None = None,
+               refit_with: StepRefit | None = None) -> StepReport:
     """One ``pruner.step()`` with the Torch-Pruning 1.6.1 workarounds, for any ``BasePruner``.
 
     Collects every group of the step, validates it (expected projections and channels, whole KV
@@ -105,8 +141,14 @@ def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportanc
     ``num_hidden_layers``/``layer_types`` shrink), once; earlier steps leave the blocks in place, so
     the dependency graph stays valid between steps. The pruner must ignore those blocks (see
     :meth:`PolicyGradientImportance.removed_block_modules`), or ``ValueError`` is raised first.
+
+    ``refit_with`` (default: the pruner's own, for a :class:`PolicyGradientPruner`): before the groups are
+    removed, the output projections are refitted on the channels the step keeps (``refit.refit``, docs/refit.md),
+    so the smaller model reproduces the model the step started from; a multi-step schedule refits at every step.
     """
     importance = importance if importance is not None else pruner.importance
+    refit_with = refit_with or getattr(pruner, "refit_with", None) or StepRefit()
+    refit_method = refit_with.resolved()
     if not isinstance(importance, PolicyGradientImportance):
         raise TypeError("prune_step needs a PolicyGradientImportance (pass importance= or build the pruner with one)")
     _check_pruner(pruner, importance)
@@ -128,15 +170,20 @@ def prune_step(pruner: tp.pruner.BasePruner, importance: PolicyGradientImportanc
             raise GroupLayoutError(f"Torch-Pruning yielded a group the importance does not score: "
                                    f"{group[0].dep.target.name}")
         plan.append((group, kind, layer, importance.removed_positions(group, kind, layer)))
+    last = pruner.current_step >= pruner.iterative_steps
+    pending = importance.removed_blocks if ledger.blocks_pending and last else []
+    if refit_method != "none":
+        report = refit(pruner.model, _step_masks(pruner.model, plan, pending), refit_with.calibration, refit_method,
+                       damping=refit_with.damping)
+        logger.info("refit (%s) of step %d: %s", refit_method, pruner.current_step, report.mean_errors())
     removed = {ATTN: 0, MLP: 0}
     for group, kind, layer, positions in plan:
         prune_linear_members(group)
         ledger.mark_removed(kind, layer, positions)
         removed[kind] += len(positions)
     resync_linear_features(pruner.model)
-    blocks = []
-    if ledger.blocks_pending and pruner.current_step >= pruner.iterative_steps:
-        blocks = importance.removed_blocks
+    blocks = pending
+    if blocks:
         layers = range(importance.space.num_layers)
         remove_blocks(pruner.model, [(i, ATTN) in blocks for i in layers], [(i, MLP) in blocks for i in layers])
         ledger.mark_blocks_removed()
@@ -160,9 +207,12 @@ class PolicyGradientPruner(tp.pruner.BasePruner):
     """
 
     def __init__(self, model: nn.Module, example_inputs: torch.Tensor | dict | None = None,
-                 importance: PolicyGradientImportance | None = None, **kwargs):
+                 importance: PolicyGradientImportance | None = None, refit_with: StepRefit | None = None,
+                 **kwargs):
         if not isinstance(importance, PolicyGradientImportance):
             raise TypeError("PolicyGradientPruner needs importance=PolicyGradientImportance(...)")
+        self.refit_with = refit_with or StepRefit()
+        self.refit_with.resolved()  # a bad refit fails before tracing
         _refuse_finished(importance)
         ignored = list(kwargs.get("ignored_layers") or [])  # blocks the search removed count in no ratio
         kwargs["ignored_layers"] = ignored + [m for m in importance.removed_block_modules() if m not in ignored]
@@ -262,6 +312,9 @@ def build_pruner(
     iterative_steps: int = 1,
     example_inputs: torch.Tensor | dict | None = None,
     ignored_layers: Sequence[nn.Module] = (),
+    refit: str | None = None,
+    calibration: torch.Tensor | Sequence | None = None,
+    refit_damping: float = 0.01,
     **kwargs,
 ) -> PolicyGradientPruner:
     """A pruner that removes ``attn_ratio`` of the KV groups and ``mlp_ratio`` of the MLP channels.
@@ -284,9 +337,15 @@ def build_pruner(
     then the fraction of the ranked units (kept blocks, not ignored) that the search's hard masks
     remove, so the defaults reproduce ``result.masks`` (exactly when the search had no ``round_to``).
     Both ratios may then be 0 when the search removed blocks only.
+
+    ``refit``/``calibration``/``refit_damping``: every ``step()`` refits the output projections on the
+    channels it keeps before Torch-Pruning removes the others (:class:`StepRefit`; ``refit=None``: least
+    squares when ``calibration`` is given, else none; docs/refit.md).
     """
     if not isinstance(importance, PolicyGradientImportance):
         raise TypeError("importance must be a PolicyGradientImportance")
+    refit_with = StepRefit(refit, calibration, refit_damping)
+    refit_with.resolved()
     if importance.model is not model:
         raise ValueError("the importance was built for another model object")
     importance.ledger.check_widths(model)
@@ -324,7 +383,7 @@ def build_pruner(
                     format_blocks(importance.removed_blocks), iterative_steps)
     plan = _plan(importance, ratios, pools, global_pruning, floor_to, iterative_steps)
     pruner = PolicyGradientPruner(
-        model, example_inputs, importance,
+        model, example_inputs, importance, refit_with,
         global_pruning=global_pruning,
         # The default scope holds only attention groups; its ratio must be > 0 for Torch-Pruning
         # to reach head pruning at all, and prune_head_dims=False keeps it from cutting dims.

@@ -35,6 +35,7 @@ from pg_pruning_plugin.core.removal import RemovedAttention, RemovedMLP
 from pg_pruning_plugin.integrations.torch_pruning import (
     GroupLayoutError,
     PolicyGradientImportance,
+    StepRefit,
     build_pruner,
     dependency_graph,
     kv_group_heads,
@@ -43,6 +44,7 @@ from pg_pruning_plugin.integrations.torch_pruning import (
     tracing_mode,
     unwrapped_parameters,
 )
+from pg_pruning_plugin.refit import refit
 from pg_pruning_plugin.search.costs import unit_costs
 from tests.helpers import REPO, greedy, synthetic_result, tiny_model
 
@@ -195,6 +197,60 @@ def test_local_and_iterative_build_pruner(base):
     assert_matches_masked(stepped, base, importance)
 
 
+CALIBRATION = torch.randint(0, 200, (16, 12), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("method", ["lstsq", "bias"])
+def test_step_refits_the_kept_weights_as_the_core_refit_does(base, method):
+    """build_pruner(calibration=...) refits before Torch-Pruning removes: the same weights as
+    ``refit(model, masks)`` followed by ``prune_model``, and a smaller reconstruction error than no refit."""
+    result = synthetic_result(base, True, seed=3)
+    core, unrefit = copy.deepcopy(base), copy.deepcopy(base)
+    refit(core, result.masks, CALIBRATION, method)
+    prune_model(core, result.masks)
+    prune_model(unrefit, result.masks)
+    plugin = copy.deepcopy(base)
+    build_pruner(plugin, PolicyGradientImportance(result, plugin), refit=method, calibration=CALIBRATION).step()
+    assert plugin.state_dict().keys() == core.state_dict().keys()
+    for key, value in plugin.state_dict().items():
+        torch.testing.assert_close(value, core.state_dict()[key], rtol=0, atol=1e-6, msg=key)
+    with torch.no_grad():
+        dense = base(CALIBRATION).logits
+        errors = [(m(CALIBRATION).logits - dense).pow(2).mean() for m in (plugin, unrefit)]
+    assert errors[0] < errors[1]
+
+
+def test_iterative_steps_refit_every_step(base):
+    result = synthetic_result(base, False)
+    model = copy.deepcopy(base)
+    importance = PolicyGradientImportance(result, model)
+    pruner = build_pruner(model, importance, iterative_steps=2, calibration=CALIBRATION)  # refit None: lstsq
+    assert pruner.refit_with.resolved() == "lstsq"
+    pruner.step()
+    after_one = {k: v.clone() for k, v in model.state_dict().items()}
+    pruner.step()
+    assert widths(model) == [(2, 68)] * 3
+    unrefit = copy.deepcopy(base)
+    prune_model(unrefit, importance.ledger.kept_masks())
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    assert after_one[o_proj].shape != model.state_dict()[o_proj].shape
+    assert not torch.allclose(model.state_dict()[o_proj], unrefit.state_dict()[o_proj])
+
+
+def test_refit_without_calibration_is_refused_before_tracing(base, monkeypatch):
+    model = copy.deepcopy(base)
+    importance = PolicyGradientImportance(synthetic_result(model, True, seed=3), model)
+    pruner = stock_pruner(model, importance, True)
+    with pytest.raises(ValueError, match="needs calibration="):  # before any group is collected
+        prune_step(pruner, importance, StepRefit("lstsq"))
+    assert widths(model) == widths(base) and pruner.current_step == 0
+    monkeypatch.setattr(tp.DependencyGraph, "build_dependency", lambda *a, **k: pytest.fail("traced"))
+    with pytest.raises(ValueError, match="needs calibration="):
+        build_pruner(model, importance, refit="lstsq")
+    with pytest.raises(ValueError, match="choose one of"):
+        build_pruner(model, importance, refit="ols", calibration=CALIBRATION)
+
+
 def test_build_pruner_ignored_layers(base):
     model = copy.deepcopy(base)
     importance = PolicyGradientImportance(synthetic_result(model, True, seed=3), model)
@@ -208,7 +264,7 @@ def test_build_pruner_ignored_layers(base):
 def test_search_result_file_and_nothing_left_changed(base, tmp_path):
     model = copy.deepcopy(base)
     blocks = torch.randint(0, 200, (8, 16), generator=torch.Generator().manual_seed(0))
-    result = PolicyGradientSearch(model, blocks, SearchConfig(sparsity=0.25, steps=4, batch_size=2,
+    result = PolicyGradientSearch(model, blocks, SearchConfig(preset="authors", sparsity=0.25, steps=4, batch_size=2,
                                                                init="magnitude")).run(progress=False)
     result.save(tmp_path / "search.pt")
     importance = PolicyGradientImportance(tmp_path / "search.pt", model)
@@ -321,7 +377,8 @@ def block_result(model, granularity: str, cost: str = "params", seed: int = 0) -
     total = float(costs.attn.sum() + costs.mlp.sum())
     planned = sum(block(kind, layer) for layer, kind in PLANNED)
     extra = 0.25 * (block("attn", 2) + block("mlp", 2)) if widths else -1.0  # depth: exactly the planned blocks
-    config = SearchConfig(sparsity=(planned + extra) / total, granularity=granularity, cost=cost, cost_seq_len=128,
+    config = SearchConfig(preset="authors",
+                          sparsity=(planned + extra) / total, granularity=granularity, cost=cost, cost_seq_len=128,
                           steps=1, init="constant")
     return SearchResult(probs, hard_masks(probs, space, config), space, config)
 
@@ -461,7 +518,7 @@ def test_searched_blocks_end_to_end(tmp_path):
     """A real width+depth search with a FLOPs budget, then the default pruner: the search's masks."""
     base = tiny_model("llama", num_hidden_layers=4)
     blocks = torch.randint(0, 200, (12, 16), generator=torch.Generator().manual_seed(0))
-    config = SearchConfig(sparsity=0.5, steps=3, batch_size=4, init="magnitude", init_batches=2,
+    config = SearchConfig(preset="authors", sparsity=0.5, steps=3, batch_size=4, init="magnitude", init_batches=2,
                           granularity="width+depth", cost="flops", cost_seq_len=128)
     result = PolicyGradientSearch(base, blocks, config).run(progress=False)
     model = copy.deepcopy(base)
