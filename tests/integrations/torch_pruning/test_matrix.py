@@ -171,6 +171,7 @@ def test_checkpoints_round_trip(arch, out_root):
 _STOCK_LOAD = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM
+torch.set_num_threads(int(sys.argv[3]))  # the parent's: the same fp32 summation order
 out = {}
 for path in json.loads(sys.argv[1]):
     model = AutoModelForCausalLM.from_pretrained(path).eval()
@@ -184,7 +185,8 @@ print(json.dumps(out))
 def stock_logits(dirs: list[Path], ids: torch.Tensor, tmp: Path) -> dict[str, torch.Tensor]:
     """Logits from ``AutoModelForCausalLM.from_pretrained`` in a fresh interpreter without the plugin."""
     torch.save(ids, tmp / "ids.pt")
-    proc = subprocess.run([sys.executable, "-c", _STOCK_LOAD, json.dumps([str(d) for d in dirs]), str(tmp / "ids.pt")],
+    proc = subprocess.run([sys.executable, "-c", _STOCK_LOAD, json.dumps([str(d) for d in dirs]), str(tmp / "ids.pt"),
+                           str(torch.get_num_threads())],
                           capture_output=True, text=True, timeout=300, cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {k: torch.tensor(v) for k, v in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
