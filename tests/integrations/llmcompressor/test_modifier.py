@@ -7,6 +7,7 @@ saved checkpoint is reloaded and compared with the in-memory model. Search setti
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -42,6 +43,7 @@ from pg_pruning_plugin.integrations.llmcompressor import (
     write_pruned_config,
 )
 from pg_pruning_plugin.integrations.llmcompressor import modifier as modifier_module
+from pg_pruning_plugin.refit import refit
 from pg_pruning_plugin.reporting import REPORT_FILE
 from tests.helpers import QUANT_TINY, QUANT_VOCAB, RECIPES, fast_recipe
 
@@ -270,7 +272,7 @@ def test_block_and_cost_fields_are_validated_when_the_recipe_is_parsed(fields, m
 def test_valid_block_and_cost_fields():
     config = PolicyGradientPruningModifier(cost="custom", custom_costs={"attn": 2, "mlp": 0.5}).search_config()
     assert config.cost == "custom" and config.custom_costs == {"attn": 2.0, "mlp": 0.5}
-    assert PolicyGradientPruningModifier(preset="authors", granularity="depth").search_config().cost == "params"  # depth
+    assert PolicyGradientPruningModifier(preset="authors", granularity="depth").search_config().cost == "params"
     (modifier,) = Recipe.create_instance((RECIPES / "pg_prune_depth.yaml").read_text()).modifiers
     assert (modifier.granularity, modifier.cost, modifier.cost_seq_len) == ("width+depth", "params", 2048)
 
@@ -345,6 +347,31 @@ def test_impossible_group_size_fails_before_the_search(llmc_dir, llmc_calib, mon
         _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_gptq_w4a16.yaml", round_to=1024))
     with pytest.raises(_SearchStarted):  # the sentinel works: a valid recipe reaches the search
         _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune_gptq_w4a16_g64.yaml"))
+
+
+def test_the_modifier_refits_as_the_core_refit_does(llmc_dir, llmc_calib, monkeypatch):
+    """Inside oneshot the final masks are refitted on the search batches and then removed: the pruned
+    model has the weights of ``refit`` + ``prune_model`` on the same masks and batches, not the unrefitted ones."""
+    seen = {}
+
+    def recording_refit(model, masks, batches, method, **kwargs):
+        seen.update(masks=masks, batches=batches, method=method, kwargs=kwargs)
+        return refit(model, masks, batches, method, **kwargs)
+
+    monkeypatch.setattr(modifier_module, "refit", recording_refit)
+    original = AutoModelForCausalLM.from_pretrained(llmc_dir, dtype=torch.float32)
+    model = _oneshot(llmc_dir, llmc_calib, fast_recipe("pg_prune.yaml"))
+    assert seen["method"] == "lstsq" and seen["kwargs"] == {"damping": 0.01}
+    expected, unrefitted = copy.deepcopy(original), copy.deepcopy(original)
+    refit(expected, seen["masks"], seen["batches"], "lstsq", damping=0.01)
+    prune_model(expected, seen["masks"])
+    prune_model(unrefitted, seen["masks"])
+    got = model.state_dict()
+    assert got.keys() == expected.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-6, msg=key)
+    down = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(got[down], unrefitted.state_dict()[down])
 
 
 def test_no_calibration_data(llmc_dir, monkeypatch):
