@@ -83,3 +83,18 @@ def machine_lines(machine: dict) -> list[str]:
     versions = ", ".join(f"{name} {v}" for name, v in m["versions"].items() if v)
     return [f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads{gpu}; {load}  ",
             f"Versions: {versions}"]
+
+
+def run_or_render(args, run, render) -> int:
+    """The ``main`` of a record-then-render script: ``--render-only`` writes ``args.out`` from ``args.json``;
+    otherwise ``run(args)`` fills the record (a ``ResultFile``), rendered to ``args.out`` when given."""
+    import json
+
+    if args.render_only:
+        render(json.loads(args.json.read_text()), args.out)
+        return 0
+    record = run(args)
+    if args.out:
+        render(record.data, args.out)
+    return 0
+

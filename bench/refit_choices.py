@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ResultFile, command_line, fmt, machine_lines, markdown_table, measured, settings_of  # noqa: E402
+from _common import (  # noqa: E402
+    ResultFile,
+    command_line,
+    fmt,
+    machine_lines,
+    markdown_table,
+    measured,
+    run_or_render,
+    settings_of,
+)
 
 from pg_pruning_plugin import load_model, prune_model  # noqa: E402
 from pg_pruning_plugin.evaluation.perplexity import perplexity_on_blocks  # noqa: E402
@@ -108,14 +116,7 @@ def render(record: dict, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
-    if args.render_only:
-        render(json.loads(args.json.read_text()), args.out)
-        return 0
-    record = run(args)
-    if args.out:
-        render(record.data, args.out)
-    return 0
+    return run_or_render(parse(argv), run, render)
 
 
 if __name__ == "__main__":
