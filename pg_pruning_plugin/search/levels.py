@@ -182,11 +182,12 @@ class LevelTable:
                                         torch.argsort(metric.attn[space.attn_slice(i)], descending=True, stable=True))
                     lo, hi = 1, int(n_max[i, 0])
                     bands[i, 0] = torch.tensor([lo, hi])
+                    projected = _projected(o_proj.weight, o_stats, loop_refit)
                     for level in range(lo, hi + 1):
                         groups = torch.sort(entry.attn_order[:level]).values
                         columns = (groups[:, None] * width + torch.arange(width)).flatten()
                         entry.attn[level] = _level_weights(o_proj.weight, o_stats, columns, loop_refit, damping,
-                                                           full=level == shape.num_kv_groups)
+                                                           full=level == shape.num_kv_groups, projected=projected)
                     o_bias = _write(o_proj, entry.attn.get(int(reference[i, 0])),
                                     _columns(entry.attn_order, int(reference[i, 0]), width))
                     # MLP: statistics after this layer's attention is pruned at the reference
@@ -198,11 +199,13 @@ class LevelTable:
                     ref = int(reference[i, 1])
                     lo, hi = max(1, ref - band), min(int(n_max[i, 1]), ref + band)
                     bands[i, 1] = torch.tensor([lo, hi])
+                    projected = _projected(down_proj.weight, d_stats, loop_refit)
                     for level in range(lo, hi + 1):
                         kept = channels_of(level, block, shape.intermediate_size)
                         channels = torch.sort(entry.mlp_order[:kept]).values
                         entry.mlp[level] = _level_weights(down_proj.weight, d_stats, channels, loop_refit, damping,
-                                                          full=kept == shape.intermediate_size)
+                                                          full=kept == shape.intermediate_size, projected=projected)
+                    del projected
                     down_bias = _write(down_proj, entry.mlp.get(ref),
                                        _columns(entry.mlp_order, channels_of(ref, block, shape.intermediate_size), 1))
                     stream.advance(i)
@@ -218,9 +221,17 @@ def _columns(order: torch.Tensor, kept_units: int, width: int) -> torch.Tensor:
     return (units[:, None] * width + torch.arange(width)).flatten()
 
 
+def _projected(weight: torch.Tensor, stats: InputStatistics, loop_refit: str) -> torch.Tensor | None:
+    """``W H`` (``[out, n]``, float64), shared by the least-squares fits of every level of one projection."""
+    if loop_refit != "lstsq":
+        return None
+    return weight.detach().to(stats.gram.device, torch.float64) @ stats.gram
+
+
 def _level_weights(weight: torch.Tensor, stats: InputStatistics, columns: torch.Tensor, loop_refit: str,
-                   damping: float, full: bool) -> OutputWeights | None:
-    """The output weights of one level (``None``: the sub-network's own slice of the original weights)."""
+                   damping: float, full: bool, projected: torch.Tensor | None = None) -> OutputWeights | None:
+    """The output weights of one level (``None``: the sub-network's own slice of the original weights);
+    ``projected``: :func:`_projected` of this projection."""
     if full or loop_refit == "none":
         return None
     columns = columns.to(stats.gram.device)
@@ -229,7 +240,8 @@ def _level_weights(weight: torch.Tensor, stats: InputStatistics, columns: torch.
         removed[columns] = False
         bias = weight.detach().double() @ torch.where(removed, stats.mean, 0.0)
         return OutputWeights(None, bias.to(weight.dtype))
-    return OutputWeights(lstsq_weights(weight, stats.gram, columns, damping).to(weight.dtype), None)
+    return OutputWeights(lstsq_weights(weight, stats.gram, columns, damping, projected=projected).to(weight.dtype),
+                         None)
 
 
 @torch.no_grad()
