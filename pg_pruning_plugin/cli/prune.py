@@ -207,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     search = PolicyGradientSearch(model, calib, config, checkpoint_path=state_path)
     result = search.run()
     baseline = None
-    if args.baseline != "none" and args.eval_windows and distributed.is_main():
+    if args.baseline != "none" and args.eval_windows:  # every rank: its statistics and refit are collective
         baseline = _baseline_ppl(model, calib, args, budget.requested()["cost_sparsity"], held_out_ppl)
     refit_report = refit(model, result.masks, calib, args.refit, damping=args.refit_damping,
                          batch_size=config.batch_size)
@@ -269,14 +269,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _baseline_ppl(model, calib, args: argparse.Namespace, sparsity: float, held_out_ppl) -> dict:
     """Held-out perplexity of ``args.baseline`` at ``sparsity`` (prunable parameters removed) with the same refit
-    on the same calibration blocks. The refit changes only the projections' weights and biases: they are
-    kept aside, ``model`` is refitted, measured under the masks, and put back."""
+    on the same calibration blocks (None on ranks other than 0, which select and refit but do not evaluate).
+    The refit changes only the projections' weights and biases: they are kept aside, ``model`` is refitted,
+    measured under the masks, and put back."""
     start = time.perf_counter()
     masks = baseline_masks(model, args.baseline, sparsity, batches=list(calib.split(8)), seed=args.seed).masks
     kept_aside = [(p.linear, p.linear.weight.detach().clone(), p.linear.bias) for p in projections(model)]
     config_biases = {k: getattr(model.config, k) for k in ("attention_bias", "mlp_bias") if hasattr(model.config, k)}
     try:
         refit(model, masks, calib, args.refit, damping=args.refit_damping, batch_size=8)
+        if not distributed.is_main():
+            return None
         with masked(model, SearchSpace.from_model(model), masks):
             ppl = held_out_ppl()
     finally:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from pg_pruning_plugin.cli import main
@@ -32,7 +33,7 @@ def test_torchrun_prune_finds_the_masks_of_one_process(tok, tmp_path):
             "--eval-windows", "2", "--checkpoint-every", "2"]
     done = _torchrun([*argv, "--output", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "distributed search: 2 ranks: 2 candidates per step in 2 group(s)" in done.stderr
+    assert "distributed search: 2 ranks: 4 candidates per step in 2 group(s)" in done.stderr  # allocation: K = 4
     assert "[rank 1]" not in done.stderr  # rank 1 logs warnings only
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank
@@ -41,11 +42,15 @@ def test_torchrun_prune_finds_the_masks_of_one_process(tok, tmp_path):
     finally:
         torch.set_num_threads(threads)
     report = json.loads((tmp_path / "two" / REPORT_FILE).read_text())
-    assert report["distributed"] == {"world_size": 2, "candidates_per_step": 2, "batch_size": 2,
-                                          "sample_groups": 2, "data_shards": 1, "candidates_per_rank": [1, 1],
+    assert report["distributed"] == {"world_size": 2, "candidates_per_step": 4, "batch_size": 2,
+                                          "sample_groups": 2, "data_shards": 1, "candidates_per_rank": [2, 2],
                                           "sequences_per_rank": [2, 2]}
-    alone = json.loads((tmp_path / "one" / REPORT_FILE).read_text())["distributed"]
-    assert (alone["world_size"], alone["candidates_per_rank"], alone["sequences_per_rank"]) == (1, [2], [2])
+    assert report["refit"]["method"] == "lstsq" and report["evaluation"]["baseline"]["method"] == "wanda-sp"
+    alone = json.loads((tmp_path / "one" / REPORT_FILE).read_text())
+    # the baseline's statistics are summed over the two ranks' calibration shards: equal up to summation order
+    assert alone["evaluation"]["baseline"]["ppl"] == pytest.approx(report["evaluation"]["baseline"]["ppl"], rel=1e-3)
+    alone = alone["distributed"]
+    assert (alone["world_size"], alone["candidates_per_rank"], alone["sequences_per_rank"]) == (1, [4], [2])
     two, one = (torch.load(tmp_path / d / "search_result.pt", weights_only=True) for d in ("two", "one"))
     for kind in ("attn", "mlp"):
         assert torch.equal(two["masks"][kind], one["masks"][kind]) and torch.equal(two["probs"][kind],

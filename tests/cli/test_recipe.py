@@ -12,10 +12,11 @@ from transformers import AutoModelForCausalLM
 from pg_pruning_plugin import SearchSpace
 from pg_pruning_plugin.cli import main
 from pg_pruning_plugin.cli.recipe import recipe_text
-from tests.helpers import QUANT_TINY, QUANT_VOCAB, RECIPES, save_tiny, word_tokenizer
+from tests.helpers import FAST_RECIPE, QUANT_TINY, QUANT_VOCAB, RECIPES, save_tiny, word_tokenizer
 
-# the search shrunk for the test, as --set overrides
-FAST = {"steps": 3, "batch_size": 4, "init_batches": 2, "sparsity": 0.3, "attn_sparsity": 0.5}
+# the search shrunk for the test, as --set overrides: the per-unit recipes', and pg_prune.yaml's (allocation)
+FAST = {k: v for k, v in FAST_RECIPE["authors"].items() if k != "seq_len"}
+FAST_ALLOCATION = {k: v for k, v in FAST_RECIPE["allocation"].items() if k != "seq_len"}
 
 
 def test_cli_refuses_a_recipe_without_modifiers(tmp_path, capsys):
@@ -84,7 +85,7 @@ def test_cli_computes_in_float32_on_the_cpu_whatever_the_checkpoint(tmp_path, mo
     text.write_text(" ".join(f"w{i % (QUANT_VOCAB - 3)}" for i in range(4000)))
     args = ["recipe", str(RECIPES / "pg_prune.yaml"), "--model", str(model_dir), "--text", str(text),
             "--output", str(tmp_path / "out"), "--num-samples", "16", "--seq-len", "32"]
-    assert main(args + [x for k, v in FAST.items() for x in ("--set", f"{k}={v}")]) == 0
+    assert main(args + [x for k, v in FAST_ALLOCATION.items() for x in ("--set", f"{k}={v}")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "float32"
 
 
