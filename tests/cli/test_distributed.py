@@ -33,8 +33,7 @@ def test_torchrun_prune_finds_the_masks_of_one_process(tok, tmp_path):
             "--eval-windows", "2", "--checkpoint-every", "2"]
     done = _torchrun([*argv, "--output", str(tmp_path / "two")], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "distributed search: 2 ranks: 4 candidates per step in 2 group(s)" in done.stderr  # allocation: K = 4
-    assert "[rank 1]" not in done.stderr  # rank 1 logs warnings only
+    assert not [line for line in done.stderr.splitlines() if line.startswith("[rank 1]") and " INFO " in line]  # warnings only
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank
     try:
