@@ -42,15 +42,16 @@ def test_torchrun_prune_finds_the_masks_of_one_process(tok, tmp_path):
     finally:
         torch.set_num_threads(threads)
     report = json.loads((tmp_path / "two" / REPORT_FILE).read_text())
-    assert report["distributed"] == {"world_size": 2, "candidates_per_step": 4, "batch_size": 2,
-                                          "sample_groups": 2, "data_shards": 1, "candidates_per_rank": [2, 2],
-                                          "sequences_per_rank": [2, 2]}
+    # the allocation search scores K = 4 candidates and its current widths (5, prime to 2 ranks): the batch is split
+    assert report["distributed"] == {"world_size": 2, "candidates_per_step": 5, "batch_size": 2,
+                                          "sample_groups": 1, "data_shards": 2, "candidates_per_rank": [5, 5],
+                                          "sequences_per_rank": [1, 1]}
     assert report["refit"]["method"] == "lstsq" and report["evaluation"]["baseline"]["method"] == "wanda-sp"
     alone = json.loads((tmp_path / "one" / REPORT_FILE).read_text())
     # the baseline's statistics are summed over the two ranks' calibration shards: equal up to summation order
     assert alone["evaluation"]["baseline"]["ppl"] == pytest.approx(report["evaluation"]["baseline"]["ppl"], rel=1e-3)
     alone = alone["distributed"]
-    assert (alone["world_size"], alone["candidates_per_rank"], alone["sequences_per_rank"]) == (1, [4], [2])
+    assert (alone["world_size"], alone["candidates_per_rank"], alone["sequences_per_rank"]) == (1, [5], [2])
     two, one = (torch.load(tmp_path / d / "search_result.pt", weights_only=True) for d in ("two", "one"))
     for kind in ("attn", "mlp"):
         assert torch.equal(two["masks"][kind], one["masks"][kind]) and torch.equal(two["probs"][kind],
