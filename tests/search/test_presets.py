@@ -1,5 +1,6 @@
 """Presets: the authors' configuration reproduces the per-unit search of the paper bit for bit."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,16 @@ from tests.helpers import tiny_model
 
 # Written by the per-unit search before the presets existed (SearchConfig defaults were the authors' then),
 # on the same tiny model, calibration and settings as below.
-REFERENCE = torch.load(Path(__file__).parent / "data" / "authors_reference.pt", weights_only=True)
+# Stored as text: {"dtype": ..., "values": [...]} for each tensor, exact for float32.
+
+
+def _tensors(node):
+    if isinstance(node, dict) and set(node) == {"dtype", "values"}:
+        return torch.tensor(node["values"], dtype=getattr(torch, node["dtype"]))
+    return {k: _tensors(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+
+REFERENCE = _tensors(json.loads((Path(__file__).parent / "data" / "authors_reference.json").read_text()))
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
