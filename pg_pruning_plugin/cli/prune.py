@@ -273,11 +273,12 @@ def _baseline_ppl(model, calib, args: argparse.Namespace, sparsity: float, held_
     The refit changes only the projections' weights and biases: they are kept aside, ``model`` is refitted,
     measured under the masks, and put back."""
     start = time.perf_counter()
-    masks = baseline_masks(model, args.baseline, sparsity, batches=list(calib.split(8)), seed=args.seed).masks
+    masks = baseline_masks(model, args.baseline, sparsity, batches=list(calib.split(args.batch_size)),
+                           seed=args.seed).masks
     kept_aside = [(p.linear, p.linear.weight.detach().clone(), p.linear.bias) for p in projections(model)]
     config_biases = {k: getattr(model.config, k) for k in ("attention_bias", "mlp_bias") if hasattr(model.config, k)}
     try:
-        refit(model, masks, calib, args.refit, damping=args.refit_damping, batch_size=8)
+        refit(model, masks, calib, args.refit, damping=args.refit_damping, batch_size=args.batch_size)
         if not distributed.is_main():
             return None
         with masked(model, SearchSpace.from_model(model), masks):
