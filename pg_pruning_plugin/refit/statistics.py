@@ -142,11 +142,14 @@ class LayerStream:
         """Calibration tokens of all the batches (of every rank's shard)."""
         return self.total_tokens
 
+    @torch.no_grad()
     def _capture(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
-        """Layer 0's input of every batch, and every layer's keyword arguments. The first batch runs the whole
-        model; later batches of its shape without an attention mask reuse its arguments and stop at layer 0."""
+        """Layer 0's input of every batch, and every layer's keyword arguments. The first batch runs the model
+        up to its last decoder layer (never the head); later batches of its shape without an attention mask
+        reuse its arguments and stop at layer 0."""
         per_layer: dict[int, tuple[tuple, dict]] = {}
         state = {"stop": False}
+        last = len(self.layers) - 1
 
         def make_hook(i: int):
             def hook(module, args, kwargs):
@@ -156,7 +159,7 @@ class LayerStream:
                 if i == 0:
                     self.hidden.append(hidden)
                 per_layer[i] = (tuple(args[1:]), kw)
-                if state["stop"]:
+                if state["stop"] or i == last:
                     raise _StopForward
             return hook
 

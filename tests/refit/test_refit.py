@@ -102,6 +102,20 @@ def test_statistics_match_a_direct_computation():
     assert torch.allclose(stats.mean, x.mean(0), atol=1e-6)
 
 
+def test_stream_capture_builds_no_graph_and_skips_the_head():
+    """Capturing the layer inputs runs no autograd graph and never the LM head (its logits are the largest
+    activation of a forward pass), even when called with gradients enabled."""
+    model = tiny_model("llama")
+    head_calls = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, a: head_calls.append(1))
+    with torch.enable_grad():
+        stream = LayerStream(model, [CALIB[:8], CALIB[8:]])
+    handle.remove()
+    assert not head_calls and len(stream.hidden) == 2
+    assert not any(h.requires_grad for h in stream.hidden)
+    assert len(stream.kwargs[0]) == len(decoder_layers(model))  # every layer's arguments, the last one's too
+
+
 def test_statistics_are_sequential():
     """Layer 1's statistics are those of the model pruned and refitted at layer 0."""
     model = tiny_model("llama")
