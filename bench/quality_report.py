@@ -246,7 +246,7 @@ def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = 
         lines += ["", f"![PPL@128 against the removed fraction]({plot_path.name})"]
     if zero_shot:
         lines += ["", "## Zero-shot accuracy", "", *_zero_shot_table(rows, s["tasks"])]
-    search_rows = [r for r in rows if "first_loss" in r and r["refit"] == "none"]
+    search_rows = sorted((r for r in rows if "first_loss" in r and r["refit"] == "none"), key=lambda r: r["ratio"])
     if search_rows:
         lines += ["", "Search loss (mean sample loss over the first / last 10 steps): " + "; ".join(
             f"{label(r['method'])} at {r['ratio']:.0%}: {r['first_loss']:.3f} / {r['last_loss']:.3f}"
