@@ -169,16 +169,18 @@ def _pm(acc: float | None, stderr: float | None, spec: str = ".3f") -> str:
 
 def _zero_shot_table(rows: list[dict], tasks: list[str]) -> list[str]:
     """Every row with zero-shot results, named by the role :func:`zero_shot_targets` gives it now (a row
-    measured as a target of an earlier, smaller run may have lost that role to a row added later)."""
+    measured as a target of an earlier, smaller run may have lost that role to a row added later), with
+    the documents per task it was measured on (a resumed run may change ``--limit``)."""
     roles = {id(r): role for role, r in zero_shot_targets(rows, ZERO_SHOT_ROLES)}
     body = []
     for r in sorted((r for r in rows if "zero_shot" in r), key=lambda r: (r["ratio"], is_search(r["method"]))):
         z = r["zero_shot"]
         cells = [_pm(z["tasks"].get(t, {}).get("acc"), z["tasks"].get(t, {}).get("acc_stderr")) for t in tasks]
         body.append([f"{r['ratio']:.0%}", roles.get(id(r), "no longer the best"),
-                     "dense" if r["method"] == "dense" else label(r["method"]), r["refit"], *cells,
+                     "dense" if r["method"] == "dense" else label(r["method"]), r["refit"], str(z["limit"]), *cells,
                      _pm(z.get("mean"), z.get("mean_stderr"), ".4f")])
-    return markdown_table(["removed", "row", "method", "refit", *tasks, "mean"], body, "rlll" + "r" * (len(tasks) + 1))
+    return markdown_table(["removed", "row", "method", "refit", "documents", *tasks, "mean"], body,
+                          "rlllr" + "r" * (len(tasks) + 1))
 
 
 def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = None) -> None:
@@ -187,13 +189,16 @@ def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = 
     dense = next((r for r in rows if r["method"] == "dense"), None)
     ratios = sorted({r["ratio"] for r in rows if r["method"] != "dense"})
     methods = _methods(rows)
-    zero_shot = any("zero_shot" in r for r in rows)
+    measured = [r["zero_shot"] for r in rows if "zero_shot" in r]
+    tasks = list(dict.fromkeys(t for z in measured for t in z["tasks"]))  # over the rows: --tasks may change
+    limits = " or ".join(str(n) for n in sorted({z["limit"] for z in measured}))
     machine = machine_lines(state["machine"])
     structures = sorted({STRUCTURES[m] for m in methods if m in STRUCTURES}, key=list(BUDGET_RULES).index)
     lines = [
         "# Quality: every method × every refit at one parameter budget (`pg-prune compare`)", "",
         "Every number below was produced by " + " then ".join(f"`{c}`" for c in state["commands"])
-        + (" (`--resume` keeps the earlier rows; the settings are checked to be identical)"
+        + (" (`--resume` keeps the earlier rows; the settings are checked to be identical, except the zero-shot "
+           "`--limit` and `--tasks`)"
            if len(state["commands"]) > 1 else "") + "; rendered by `python bench/quality_report.py`  ",
         machine[0], machine[1] + f"; dtype {s['dtype']}; total wall time {state.get('wall_seconds', 0) / 60:.0f} min "
         "(on a shared machine wall times include contention)", "",
@@ -222,10 +227,10 @@ def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = 
         "memory in use before the call (CPU: peak RSS; GPU: max_memory_allocated). *: the ratio-independent "
         "statistics (magnitudes, Taylor gradients, FLAP statistics, block influence; Wanda-sp per ratio) were "
         "computed by an earlier row and reused; the starred time excludes them.",
-        (f"- Zero-shot: lm-eval 0-shot accuracy (acc) on {', '.join(s['tasks'])}, first {s['limit']} documents per "
-         "task, for the dense model, the best baseline row per ratio (lowest PPL@128 over methods and refits) and "
-         "each search configuration with its best refit; ± is lm-eval's standard error of each task and "
-         "sqrt(Σ se²)/T for the mean." if s["tasks"] else "- Zero-shot: skipped in this run (`--limit 0`)."),
+        (f"- Zero-shot: lm-eval 0-shot accuracy (acc) on {', '.join(tasks)}, first {limits} documents per "
+         "task (the table's 'documents'), for the dense model, the best baseline row per ratio (lowest PPL@128 over "
+         "methods and refits) and each search configuration with its best refit; ± is lm-eval's standard error of "
+         "each task and sqrt(Σ se²)/T for the mean." if measured else "- Zero-shot: not measured (`--limit 0`)."),
         "", "## Dense model", "",
     ]
     if dense is not None:
@@ -244,8 +249,8 @@ def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = 
     if dense is not None and plot_path is not None and ratios:
         plot(rows, ratios, dense, plot_path)
         lines += ["", f"![PPL@128 against the removed fraction]({plot_path.name})"]
-    if zero_shot:
-        lines += ["", "## Zero-shot accuracy", "", *_zero_shot_table(rows, s["tasks"])]
+    if measured:
+        lines += ["", "## Zero-shot accuracy", "", *_zero_shot_table(rows, tasks)]
     search_rows = sorted((r for r in rows if "first_loss" in r and r["refit"] == "none"), key=lambda r: r["ratio"])
     if search_rows:
         lines += ["", "Search loss (mean sample loss over the first / last 10 steps): " + "; ".join(

@@ -15,13 +15,14 @@ and mean reconstruction errors.
 
 Zero-shot accuracy (lm-eval, the first ``--limit`` documents per task, with each task's standard
 error and the mean's) is measured after every perplexity row, only for the rows ``--zero-shot-rows``
-names (:func:`zero_shot_targets`): the dense model, per ratio the best baseline row by PPL@128 (best
-over methods and refits), and each search configuration with its best refit.
+names (:func:`zero_shot_targets`): the dense model, per ratio of ``--ratios`` the best baseline row by
+PPL@128 (best over methods and refits), and each search configuration with its best refit.
 
 Rows are saved to the JSON file ``--results`` after each one (``evaluation/records.py``), the masks of
 every selection beside it (``<results>.masks.pt``); ``--resume`` skips the rows already there and reuses
-the saved masks (the settings must match). ``bench/quality_report.py`` renders a markdown report and a
-plot from the JSON file (docs/results/quality.md).
+the saved masks (the settings must match, except the zero-shot ``--limit`` and ``--tasks``: a resumed
+run with others re-measures the zero-shot of its target rows). ``bench/quality_report.py`` renders a
+markdown report and a plot from the JSON file (docs/results/quality.md).
 
 Under ``torchrun`` every rank runs every selection and refit (their statistics and the search are
 split over the ranks, docs/distributed.md); rank 0 alone evaluates, and writes the rows and masks,
@@ -56,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 SEARCH_PREFIX = "pg-"  # a search row's method is SEARCH_PREFIX + the name of its configuration
 ZERO_SHOT_ROLES = ("dense", "best-baseline", "search")
+ZERO_SHOT_SETTINGS = ("limit", "tasks")  # settings a resumed run may change: they apply to the zero-shot rows only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -94,8 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--ppl2048-windows", type=int, default=None,
                    help="first N 2048-token windows (default: all; 0 skips PPL@2048)")
     e.add_argument("--zero-shot-rows", nargs="+", choices=ZERO_SHOT_ROLES, default=list(ZERO_SHOT_ROLES),
-                   help="rows that get zero-shot: dense, the best baseline per ratio (by PPL@128, best refit), "
-                        "each search configuration with its best refit")
+                   help="rows that get zero-shot: dense, the best baseline per ratio of --ratios (by PPL@128, "
+                        "best refit), each search configuration with its best refit")
     e.add_argument("--tasks", nargs="+", default=["paper"],
                    help="zero-shot tasks ('paper' = boolq piqa hellaswag winogrande arc_easy arc_challenge "
                         "openbookqa)")
@@ -161,14 +163,17 @@ def is_search(method: str) -> bool:
 
 # ------------------------------------------------------------------------------------- zero-shot rows
 
-def zero_shot_targets(rows: Sequence[dict], roles: Sequence[str]) -> list[tuple[str, dict]]:
+def zero_shot_targets(rows: Sequence[dict], roles: Sequence[str],
+                      ratios: Sequence[float] | None = None) -> list[tuple[str, dict]]:
     """``(role, row)`` of the rows that get zero-shot under ``roles`` (:data:`ZERO_SHOT_ROLES`): the dense
-    row; per ratio the baseline row with the lowest PPL@128 over every method and refit; per ratio and
-    search configuration its row with the lowest PPL@128 over the refit options."""
+    row; per ratio (of ``ratios``; default every ratio of ``rows``) the baseline row with the lowest PPL@128
+    over every method and refit; per ratio and search configuration its row with the lowest PPL@128 over
+    the refit options."""
     out = []
     if "dense" in roles:
         out += [("dense", r) for r in rows if r["method"] == "dense"]
-    for ratio in sorted({r["ratio"] for r in rows if r["method"] != "dense"}):
+    present = {r["ratio"] for r in rows if r["method"] != "dense"}
+    for ratio in sorted(present if ratios is None else present & set(ratios)):
         at = [r for r in rows if r["ratio"] == ratio and r["method"] != "dense" and r.get("ppl128") is not None]
         baselines = [r for r in at if not is_search(r["method"])]
         if "best-baseline" in roles and baselines:
@@ -338,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
     # rank 0 reads, writes and measures; the other ranks get its rows, so all of them take the same turns
     measure, main = distributed.from_main, distributed.is_main()
     results = measure(lambda: ResultFile(args.results, _settings(args, tasks), shlex.join(["pg-prune", *sys.argv[1:]]),
-                                         device, resume=args.resume), "results file")
+                                         device, resume=args.resume, free=ZERO_SHOT_SETTINGS), "results file")
     selections = measure(lambda: _Selections(args.results.with_suffix(".masks.pt"), args.resume), "saved masks")
     results.write = selections.write = main
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
@@ -392,8 +397,9 @@ def run(args: argparse.Namespace) -> int:
                 results.add(row)
                 del net
 
-    for role, row in zero_shot_targets(results.rows, args.zero_shot_rows) if tasks else ():
-        if "zero_shot" in row:
+    for role, row in zero_shot_targets(results.rows, args.zero_shot_rows, args.ratios) if tasks else ():
+        done = row.get("zero_shot")
+        if done and done["limit"] == args.limit and set(done["tasks"]) == set(tasks):
             continue
         logger.info("zero-shot: %s (%s at %.0f%%, refit %s)", role, row["method"], 100 * row["ratio"], row["refit"])
         net = model

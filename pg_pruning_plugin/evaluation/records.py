@@ -14,6 +14,7 @@ import os
 import platform
 import re
 import time
+from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -57,19 +58,23 @@ class ResultFile:
     """A record file (module docstring) that this run adds rows to.
 
     ``resume``: an existing ``path`` is continued (its ``settings`` must equal ``settings``, else
-    ``ValueError``); without it the file starts empty and is overwritten at the first save.
+    ``ValueError``); without it the file starts empty and is overwritten at the first save. ``free``: the
+    settings a resumed run may change (they do not affect the rows already measured, e.g. what is
+    measured next to them); their new values replace the recorded ones.
     Setting ``write`` to False keeps the rows in memory only (the ranks of a distributed run other than 0).
     """
 
     def __init__(self, path: str | os.PathLike, settings: dict, command: str, device: torch.device | str = "cpu",
-                 resume: bool = False):
+                 resume: bool = False, free: Sequence[str] = ()):
         self.path, self.write = Path(path), True
         self.data: dict = {"settings": settings, "rows": []}
         if resume and self.path.is_file():
             self.data = json.loads(self.path.read_text())
-            if self.data["settings"] != settings:
+            fixed = {k: v for k, v in self.data["settings"].items() if k not in free}
+            if fixed != {k: v for k, v in settings.items() if k not in free}:
                 raise ValueError(f"--resume: {self.path} was written with other settings {self.data['settings']}; "
                                  f"drop --resume or pass another file")
+            self.data["settings"] = settings
         self.command = command
         self.machine = provenance(device)
         self._start, self._previous = time.perf_counter(), self.data.get("wall_seconds", 0.0)

@@ -86,7 +86,7 @@ def test_quality_report_renders_a_compare_run(model_dir, tmp_path):
                          "--notes", str(notes)])
     report = (tmp_path / "q.md").read_text()
     assert "| ShortGPT, whole layers | lstsq |" in report and "PG search, authors configuration" in report
-    assert "skipped in this run" in report and "Read by hand." in report
+    assert "Zero-shot: not measured" in report and "Read by hand." in report
     assert (tmp_path / "q.png").stat().st_size > 0
 
 
@@ -140,8 +140,9 @@ def test_quality_report_renders_every_section_from_a_synthetic_record(tmp_path):
     assert "12*" in report  # statistics reused at 50 %
     assert ("- 30%, PPL@128: the best search row (PG search, default configuration, refit lstsq, 35.00) beats the "
             "best baseline (FLAP, per-type adaptive, refit lstsq, 42.00)") in report
-    assert f"| 30% | best-baseline {flap} lstsq | 0.500 ± 0.035 | 0.600 ± 0.030 | 0.5500 ± 0.0230 |" in report
-    assert "| 0% | dense | dense | none |" in report and "0.6500 ± 0.0230" in report
+    assert f"| 30% | best-baseline {flap} lstsq | 200 | 0.500 ± 0.035 | 0.600 ± 0.030 | 0.5500 ± 0.0230 |" in report
+    assert "| 0% | dense | dense | none | 200 |" in report and "0.6500 ± 0.0230" in report
+    assert "first 200 documents per task" in report
     assert (tmp_path / "q.png").stat().st_size > 0
 
 

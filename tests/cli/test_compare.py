@@ -70,6 +70,14 @@ def test_compare_command_end_to_end(tok, tmp_path, capsys, monkeypatch):
     assert main([*argv, "--methods", "wanda-sp-units", "random", "--refit", "none", "--resume"]) == 0
     rows = json.loads((out / "q.json").read_text())["rows"]
     assert (rows[-1]["method"], rows[-1]["refit"]) == ("wanda-sp-units", "none") and len(rows) == 2 + 3 * len(methods)
+    # another zero-shot limit on resume: the same rows, their zero-shot re-measured at the new limit
+    before, relimit = len(calls), [*argv]
+    relimit[relimit.index("--limit") + 1] = "3"
+    assert main([*relimit, "--refit", "none", "--resume"]) == 0
+    state = json.loads((out / "q.json").read_text())
+    assert len(state["rows"]) == len(rows) and len(calls) == before + 2 + len(searches)
+    assert state["settings"]["limit"] == 3
+    assert {r["zero_shot"]["limit"] for r in state["rows"] if "zero_shot" in r} == {3}
     assert main([*argv, "--resume", "--damping", "0.1"]) == 2
     assert "other settings" in capsys.readouterr().err
 
@@ -85,6 +93,8 @@ def test_zero_shot_targets_pick_the_best_rows():
     assert picked == [("dense", "dense", 0.0, "none"), ("best-baseline", "flap", 0.3, "bias"),
                       ("search", "pg-default", 0.3, "lstsq"), ("best-baseline", "random", 0.5, "none"),
                       ("search", "pg-default", 0.5, "lstsq")]
+    only = [(role, r["ratio"]) for role, r in zero_shot_targets(rows, ["dense", "best-baseline"], ratios=[0.5])]
+    assert only == [("dense", 0.0), ("best-baseline", 0.5)]  # a run of some ratios measures only those
     assert [role for role, _ in zero_shot_targets(rows, ["search"])] == ["search", "search"]
     tasks = {"a": {"acc": 0.6, "acc_stderr": 0.03}, "b": {"acc": 0.4, "acc_stderr": 0.04}}
     summary = zero_shot_summary({"tasks": tasks, "mean_acc": 0.5}, 200)
