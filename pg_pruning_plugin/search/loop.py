@@ -50,6 +50,7 @@ from . import state_file
 from .budget import Budget
 from .config import ResumeError, SearchConfig, SearchResult
 from .init import initial_probabilities
+from .interrupt import stop_after_step
 from .objective import DenseTargets, dense_targets, sequence_losses
 from .policy import ema_baseline, policy_gradient, sample_unit_masks, threshold_band, usable_samples
 
@@ -389,7 +390,9 @@ class PolicyGradientSearch:
     def run(self, progress: bool = True, on_step: Callable[[int, SearchState], None] | None = None) -> SearchResult:
         """Run (or resume) the search to ``config.steps`` and return the result.
 
-        ``on_step(step, state)`` is called after every step (``state.step == step + 1``). Under a process
+        ``on_step(step, state)`` is called after every step (``state.step == step + 1``). Ctrl-C (SIGINT)
+        lets the step under way finish, saves its state (with a ``checkpoint_path``) and raises
+        ``KeyboardInterrupt``; a second Ctrl-C raises at once (search/interrupt.py). Under a process
         group every rank calls this; ranks that disagree on the model's shapes, the configuration or the
         calibration are refused first (:class:`~pg_pruning_plugin.core.distributed.DistributedError`), and
         only rank 0 shows progress.
@@ -404,16 +407,22 @@ class PolicyGradientSearch:
             logger.info("resuming search from %s at step %d", self.checkpoint_path, state.step)
         bar = tqdm(range(state.step, cfg.steps), initial=state.step, total=cfg.steps,
                    desc="policy-gradient search", disable=not progress)
-        with eval_mode(self.model):
+        with eval_mode(self.model), stop_after_step() as stop_requested:
             try:
                 for step in bar:
                     mean_loss = self.step(state)
                     if mean_loss is not None:
                         bar.set_postfix(self._postfix(state, mean_loss))
-                    if self.checkpoint_path and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
+                    due = state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps
+                    if self.checkpoint_path and due:
                         self._save_state(state)
                     if on_step is not None:
                         on_step(step, state)
+                    if stop_requested():
+                        if self.checkpoint_path and not due:
+                            self._save_state(state)
+                        logger.info("interrupted: stopped after step %d of %d", state.step, cfg.steps)
+                        raise KeyboardInterrupt
             finally:
                 bar.close()
         if state.nan_samples and distributed.is_main():

@@ -1,5 +1,8 @@
 """The search loop on tiny models: no backprop, resume, model left untouched, losses, bad input."""
 
+import os
+import signal
+
 import pytest
 import torch
 
@@ -16,6 +19,7 @@ from pg_pruning_plugin.evaluation.speed import bernoulli_masks
 from pg_pruning_plugin.reporting import format_accounting
 from pg_pruning_plugin.search.costs import budget_accounting, expected_cost, unit_costs
 from pg_pruning_plugin.search.loop import sample_losses
+from pg_pruning_plugin.search.state_file import read_state
 from tests.helpers import ARCH_CASES, random_masks, tiny_model
 
 
@@ -89,6 +93,25 @@ def test_resume_gives_the_same_mask_as_an_uninterrupted_run(llama, tmp_path):
     torch.testing.assert_close(resumed.probs.attn, full.probs.attn)
     torch.testing.assert_close(resumed.probs.mlp, full.probs.mlp)
     assert torch.equal(resumed.masks.mlp, full.masks.mlp)
+
+
+def test_sigint_stops_after_the_step_with_its_state_saved(llama, tmp_path):
+    """Ctrl-C mid-search: the step finishes, its state is written (off the checkpoint schedule), the search
+    raises KeyboardInterrupt, SIGINT is Python's again, and resuming gives the uninterrupted answer."""
+    config = SearchConfig(preset="authors", steps=8, batch_size=4, init_batches=1, checkpoint_every=3)
+    full = PolicyGradientSearch(llama, _blocks(), config).run(progress=False)
+    state = tmp_path / "state.pt"
+
+    def ctrl_c_at_5(step, s):
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only records it: this step still completes
+
+    with pytest.raises(KeyboardInterrupt):
+        PolicyGradientSearch(llama, _blocks(), config, checkpoint_path=state).run(progress=False, on_step=ctrl_c_at_5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert read_state(state).step == 5  # not 3, the last scheduled checkpoint
+    resumed = PolicyGradientSearch(llama, _blocks(), config, checkpoint_path=state).run(progress=False)
+    assert torch.equal(resumed.masks.mlp, full.masks.mlp) and torch.equal(resumed.masks.attn, full.masks.attn)
 
 
 def test_mismatched_or_corrupt_resume_file_is_refused(llama, tmp_path):
