@@ -1,14 +1,15 @@
-"""SmolLM2-135M: policy-gradient pruning alone vs pruning then GPTQ W4A16 (group 64), through llmcompressor
-(docs/results/llmcompressor.md).
+"""SmolLM2-135M: policy-gradient pruning alone vs pruning then GPTQ W4A16 (group 64), through llmcompressor,
+each with and without the modifier's least-squares refit (docs/results/llmcompressor.md).
 
-Runs two recipes with ``pg-prune recipe`` (one ``oneshot`` each, same search settings, data and seed,
-so both prune the same units; each run's log goes to ``OUT/<name>.log``), then measures for the dense
-model and both outputs: held-out perplexity (wiki-vital eval split, 128-token windows, batch protocol),
-the size of the checkpoint on disk, and the load time with ``pg_pruning_plugin.load_pruned``
-(per-layer widths; fp32, decompressing the int4 weights). Writes ``results.json`` (a record of rows)
-and ``results.md`` under ``--out``.
+Runs four recipes with ``pg-prune recipe`` (one ``oneshot`` each, same search settings, data and seed,
+so all prune the same units; each run's log goes to ``OUT/<name>.log``): {pruning alone, pruning then
+GPTQ} x {``refit: none``, ``refit: lstsq``}, then measures for the dense model and every output:
+held-out perplexity (wiki-vital eval split, 128-token windows, batch protocol), the size of the
+checkpoint on disk, and the load time with ``pg_pruning_plugin.load_pruned`` (per-layer widths; fp32,
+decompressing the int4 weights). Writes ``results.json`` (a record of rows) and ``results.md`` under
+``--out``.
 
-    python bench/llmcompressor_quant.py --steps 30 --num-samples 240 --eval-windows 256 --out runs/bench-llmc
+    python bench/llmcompressor_quant.py --steps 10 --num-samples 128 --eval-windows 256 --out runs/bench-llmc
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ from pg_pruning_plugin.resources.files import write_atomic
 from pg_pruning_plugin.resources.models import resolve_model_dir
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-# Both runs use the default allocation search at 30 % of the prunable parameters (MLP widths in blocks of 64,
-# which group 64 also needs), the same refit and seed: the quantization recipe's per-unit settings are
-# replaced by pg_prune.yaml's.
+# Every run uses the default allocation search at 30 % of the prunable parameters (MLP widths in blocks of 64,
+# which group 64 also needs) with the same seed: the quantization recipe's per-unit settings are replaced by
+# pg_prune.yaml's. The runs differ only in the refit before removal and in whether GPTQ follows.
+SAME_SEARCH_AS_PG_PRUNE_YAML = ["preset=allocation", "global_budget=true", "lr=20", "init_batches=16"]
 VARIANTS = {
-    "pg30": ("pg_prune.yaml", []),
-    "pg30-w4a16-g64": ("pg_prune_gptq_w4a16_g64.yaml", ["preset=allocation", "global_budget=true", "lr=20"]),
+    "pg30": ("pg_prune.yaml", ["refit=lstsq"]),
+    "pg30-norefit": ("pg_prune.yaml", ["refit=none"]),
+    "pg30-w4a16-g64": ("pg_prune_gptq_w4a16_g64.yaml", [*SAME_SEARCH_AS_PG_PRUNE_YAML, "refit=lstsq"]),
+    "pg30-norefit-w4a16-g64": ("pg_prune_gptq_w4a16_g64.yaml", [*SAME_SEARCH_AS_PG_PRUNE_YAML, "refit=none"]),
 }
 
 
@@ -88,8 +92,8 @@ def load_seconds(path: Path, repeats: int) -> tuple[list[float], torch.nn.Module
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--steps", type=int, default=30, help="search steps (pg_prune.yaml ships 100)")
-    p.add_argument("--num-samples", type=int, default=240, help="calibration blocks for the search and GPTQ")
+    p.add_argument("--steps", type=int, default=10, help="search steps (pg_prune.yaml ships 100)")
+    p.add_argument("--num-samples", type=int, default=128, help="calibration blocks for the search, refit and GPTQ")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-windows", type=int, default=256, help="held-out 128-token windows")
     p.add_argument("--load-repeats", type=int, default=3)
@@ -123,18 +127,22 @@ def main(argv: list[str] | None = None) -> None:
             "parameters": sum(t.numel() for t in model.state_dict().values()),
             "kept_per_layer": report.get("kept_per_layer"), "effective": report.get("effective"),
             "search_seconds": (report.get("search") or {}).get("seconds"),
+            "refit": (report.get("refit") or {}).get("method"),
+            "refit_seconds": (report.get("refit") or {}).get("seconds"),
         })
         del model
     rows = {r["name"]: r for r in results.rows}
-    same = rows["pg30"]["kept_per_layer"] == rows["pg30-w4a16-g64"]["kept_per_layer"]
-    results.data["same_pruning_in_both_runs"] = same
+    same = all(rows[n]["kept_per_layer"] == rows["pg30"]["kept_per_layer"] for n in VARIANTS)
+    results.data["same_pruning_in_every_run"] = same
     results.save()
-    table = markdown_table(["model", "held-out PPL", "weights on disk (MiB)", "checkpoint total (MiB)",
-                            "load time (s, median)"],
-                           [[r["name"], f"{r['ppl']:.2f}", f"{r['weights_mib']:.1f}", f"{r['total_mib']:.1f}",
-                             f"{r['load_seconds_median']:.2f}"] for r in results.rows])
-    text = "\n".join([*table, "", f"{rows['dense']['eval']}; same pruning in both runs: "
-                      f"{results.data['same_pruning_in_both_runs']}", *machine_lines(results.data["machine"])])
+    table = markdown_table(["model", "refit", "held-out PPL", "weights on disk (MiB)", "checkpoint total (MiB)",
+                            "load time (s, median)", "oneshot (s)"],
+                           [[r["name"], r["refit"] or "-", f"{r['ppl']:.2f}", f"{r['weights_mib']:.1f}",
+                             f"{r['total_mib']:.1f}", f"{r['load_seconds_median']:.2f}",
+                             f"{r['oneshot_seconds']:.0f}" if r.get("oneshot_seconds") else "-"]
+                            for r in results.rows])
+    text = "\n".join([*table, "", f"{rows['dense']['eval']}; same pruning in every run: "
+                      f"{results.data['same_pruning_in_every_run']}", *machine_lines(results.data["machine"])])
     write_atomic(args.out / "results.md", text + "\n")
     print(text)
 

@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help=f"override a {MODIFIER} field of the recipe, e.g. --set steps=40, --set granularity=depth, "
                         "--set cost=flops, --set 'custom_costs={attn: 1, mlp: 0.01}', --set cost=none (repeatable; "
-                        "VALUE is read as YAML)")
+                        "VALUE is read as YAML, none as null except for refit and loop_refit, whose option it is)")
 
 
 def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, bool]:
@@ -87,7 +87,7 @@ def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, boo
         if not sep or not field:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
         for args in targets:
-            args[field.strip()] = override_value(value)
+            args[field.strip()] = override_value(value, field.strip())
     text = yaml.safe_dump(recipe, sort_keys=False)
     if not Recipe.create_instance(text).modifiers:
         raise ValueError(
@@ -97,9 +97,16 @@ def recipe_text(path: str | os.PathLike, overrides: list[str]) -> tuple[str, boo
     return text, bool(targets)
 
 
-def override_value(text: str):
-    """A ``--set`` value read as YAML; ``none``/``None`` mean null as ``null`` and ``~`` do (e.g. ``cost=none``)."""
-    return None if text.strip() in ("none", "None") else yaml.safe_load(text)
+# Fields with an option named "none" (the refit methods): for them ``--set FIELD=none`` is that option, not null.
+NONE_IS_AN_OPTION = ("refit", "loop_refit")
+
+
+def override_value(text: str, field: str = ""):
+    """A ``--set`` value read as YAML; ``none``/``None`` mean null as ``null`` and ``~`` do (e.g. ``cost=none``),
+    except for the fields of ``NONE_IS_AN_OPTION``, where ``none`` is the option of that name."""
+    if text.strip() in ("none", "None"):
+        return "none" if field in NONE_IS_AN_OPTION else None
+    return yaml.safe_load(text)
 
 
 def check_budgets(model_dir: str | os.PathLike, text: str) -> None:

@@ -65,10 +65,12 @@ def test_llmcompressor_quant(model_dir, tmp_path):
     llmcompressor_quant.main(["--model", str(model_dir), "--steps", "2", "--num-samples", "48", "--eval-windows", "2",
                               "--load-repeats", "1", "--out", str(out)])
     record = json.loads((out / "results.json").read_text())
-    assert [r["name"] for r in record["rows"]] == ["dense", "pg30", "pg30-w4a16-g64"]
-    # the tiny model's 96-channel MLPs are levels of 48 alone and multiples of 64 under group 64: the two runs'
+    assert [r["name"] for r in record["rows"]] == ["dense", "pg30", "pg30-norefit", "pg30-w4a16-g64",
+                                                   "pg30-norefit-w4a16-g64"]
+    # the tiny model's 96-channel MLPs are levels of 48 alone and multiples of 64 under group 64: the runs'
     # widths may differ here, and the record says whether they did
-    assert isinstance(record["same_pruning_in_both_runs"], bool) and (out / "pg30.log").stat().st_size > 0
+    assert isinstance(record["same_pruning_in_every_run"], bool) and (out / "pg30.log").stat().st_size > 0
+    assert [r["refit"] for r in record["rows"]] == [None, "lstsq", "none", "lstsq", "none"]
     assert "| pg30-w4a16-g64 |" in (out / "results.md").read_text()
 
 

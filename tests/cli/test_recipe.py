@@ -55,6 +55,9 @@ def test_cli_set_accepts_block_and_cost_fields(tmp_path):
     assert fields["cost"] == "custom" and fields["cost_seq_len"] == 512
     text, _ = recipe_text(RECIPES / "pg_prune.yaml", ["cost=none", "granularity=width"])
     assert yaml.safe_load(text)["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]["cost"] is None
+    text, _ = recipe_text(RECIPES / "pg_prune.yaml", ["refit=none", "loop_refit=None"])  # the option named none
+    fields = yaml.safe_load(text)["pruning_stage"]["pruning_modifiers"]["PolicyGradientPruningModifier"]
+    assert fields["refit"] == "none" and fields["loop_refit"] == "none"
     with pytest.raises(ValidationError, match="positive cost"):
         recipe_text(RECIPES / "pg_prune_depth.yaml", ["cost=custom", "custom_costs={attn: 0, mlp: 1}"])
     with pytest.raises(ValidationError, match="granularity='deep'"):
