@@ -12,14 +12,15 @@ and, for every variant, the final mask with and without the least-squares refit 
 Every variant starts from the same model and uses the same calibration blocks (the data of the
 refit too) and the same number of steps; held-out perplexity on the eval split of ``--text``.
 
-    python bench/search_ablation.py --sparsity 0.3 --steps 60 --json docs/results/search_ablation.json \\
-        --out docs/results/search_ablation.md
+    python bench/search_ablation.py --sparsity 0.3 --steps 40 --json docs/results/search_ablation.json \\
+        --out docs/results/search_ablation.md --notes docs/results/search_ablation_notes.md
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--windows-2048", type=int, default=2)
     p.add_argument("--json", type=Path, required=True, help="record file (JSON rows)")
     p.add_argument("--out", type=Path, default=None, help="markdown report")
+    p.add_argument("--notes", type=Path, default=None, help="markdown appended under the table (hand-written reading)")
     p.add_argument("--resume", action="store_true", help="continue the record file")
     p.add_argument("--render-only", action="store_true", help="only write --out from --json")
     return p.parse_args(argv)
@@ -95,8 +97,8 @@ def _masks(model, calib, name: str, settings: dict, sparsity: float, steps: int)
 
 
 def run(args: argparse.Namespace) -> ResultFile:
-    record = ResultFile(args.json, settings_of(args, "json", "out", "resume", "render_only", "variants", "refits"),
-                        command_line(), resume=args.resume)
+    settings = settings_of(args, "json", "out", "notes", "resume", "render_only", "variants", "refits")
+    record = ResultFile(args.json, settings, command_line(), resume=args.resume)
     dense, tokenizer = load_model(args.model) if args.model else load_model()
     calib = calibration_blocks(tokenizer, args.text, 128, args.calib_blocks, seed=args.seed)
     held_out = {n: source_blocks(tokenizer, args.text, "eval", n, max_blocks=w)
@@ -127,14 +129,17 @@ def run(args: argparse.Namespace) -> ResultFile:
     return record
 
 
-def render(record: dict, out: Path) -> None:
+def render(record: dict, out: Path, notes: Path | None = None) -> None:
     s = record["settings"]
     rows = record["rows"]
     dense = next(r for r in rows if r["variant"] == "dense")
     lines = [
         "# Search ablation: each lever alone and together",
         "",
-        f"Every number below was produced by `{record['commands'][-1]}`  ",
+        "Every number below was produced by these commands (one record, continued with `--resume`):",
+        "",
+        *(f"    {command}" for command in record["commands"]),
+        "",
         *machine_lines(record["machine"]),
         "",
         f"SmolLM2-135M, {100 * s['sparsity']:.0f} % of the prunable parameters removed, {s['steps']} steps per "
@@ -152,11 +157,16 @@ def render(record: dict, out: Path) -> None:
              for r in rows if r["variant"] != "dense"]
     lines += markdown_table(["variant", "levers", "final refit", "KV groups kept", "channels kept", "PPL@128",
                              "PPL@2048", "search (s)", "refit (s)"], table, "lllrrrrrr")
+    if notes is not None:
+        lines += ["", "## Notes (written by hand, not produced by this command)", "", notes.read_text().strip()]
     out.write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
-    return run_or_render(parse(argv), run, render)
+    args = parse(argv)
+    if args.notes is not None and not args.notes.is_file():
+        raise SystemExit(f"--notes {args.notes} does not exist")
+    return run_or_render(args, run, functools.partial(render, notes=args.notes))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import estimators
 import llmcompressor_quant
 import pytest
 import quality_report
+import search_ablation
 import search_vs_init
 import speed_report
 
@@ -58,6 +59,23 @@ def test_estimators(model_dir, tmp_path):
     assert {r["part"] for r in rows} == {"noise", "search"}
     assert [r["estimator"] for r in rows if r["part"] == "search"] == ["authors", "antithetic"]
     assert all(r["forwards_to_target"]["1000000000.0"] == 2 for r in rows if r["part"] == "search")
+
+
+def test_search_ablation(model_dir, tmp_path):
+    record, out, notes = tmp_path / "ablation.json", tmp_path / "ablation.md", tmp_path / "notes.md"
+    notes.write_text("What the rows say.")
+    variants = ["allocation start (OBS ranks, uniform widths)", "allocation + least squares + KL + incumbent (default)",
+                "units + all of 1, 3-6"]
+    argv = ["--model", str(model_dir), "--steps", "2", "--calib-blocks", "48", "--windows-128", "2", "--windows-2048",
+            "1", "--json", str(record), "--out", str(out), "--notes", str(notes)]
+    search_ablation.main([*argv, "--variants", *variants[:2]])
+    search_ablation.main([*argv, "--resume", "--variants", *variants])  # measures only the third
+    data = json.loads(record.read_text())
+    assert [(r["variant"], r["refit"]) for r in data["rows"]] == [("dense", "-")] + [
+        (v, refit) for v in variants for refit in ("none", "lstsq")]
+    assert all(math.isfinite(r["ppl128"]) for r in data["rows"])
+    text = out.read_text()
+    assert "| units + all of 1, 3-6 | 1,3,4,5,6 | lstsq |" in text and text.rstrip().endswith("What the rows say.")
 
 
 def test_llmcompressor_quant(model_dir, tmp_path):
