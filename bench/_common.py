@@ -85,6 +85,13 @@ def machine_lines(machine: dict) -> list[str]:
             f"Versions: {versions}"]
 
 
+def notes_section(notes: Path | None) -> list[str]:
+    """The lines of a hand-written ``--notes`` file under its heading (none without a file)."""
+    if notes is None:
+        return []
+    return ["", "## Notes (written by hand, not produced by this command)", "", notes.read_text().strip()]
+
+
 def run_or_render(args, run, render) -> int:
     """The ``main`` of a record-then-render script: ``--render-only`` writes ``args.out`` from ``args.json``;
     otherwise ``run(args)`` fills the record (a ``ResultFile``), rendered to ``args.out`` when given."""

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import fmt, machine_lines, markdown_table
+from _common import fmt, machine_lines, markdown_table, notes_section
 
 from pg_pruning_plugin.cli.compare import SEARCH_PREFIX, ZERO_SHOT_ROLES, is_search, zero_shot_targets
 from pg_pruning_plugin.refit import REFIT_METHODS
@@ -256,8 +256,7 @@ def render(state: dict, out: Path, plot_path: Path | None, notes: Path | None = 
         lines += ["", "Search loss (mean sample loss over the first / last 10 steps): " + "; ".join(
             f"{label(r['method'])} at {r['ratio']:.0%}: {r['first_loss']:.3f} / {r['last_loss']:.3f}"
             for r in search_rows) + "."]
-    if notes is not None:
-        lines += ["", "## Notes (written by hand, not produced by this command)", "", notes.read_text().strip()]
+    lines += notes_section(notes)
     write_atomic(out, "\n".join(lines) + "\n")
 
 

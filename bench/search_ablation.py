@@ -33,6 +33,7 @@ from _common import (  # noqa: E402
     fmt,
     machine_lines,
     markdown_table,
+    notes_section,
     run_or_render,
     settings_of,
 )
@@ -157,8 +158,7 @@ def render(record: dict, out: Path, notes: Path | None = None) -> None:
              for r in rows if r["variant"] != "dense"]
     lines += markdown_table(["variant", "levers", "final refit", "KV groups kept", "channels kept", "PPL@128",
                              "PPL@2048", "search (s)", "refit (s)"], table, "lllrrrrrr")
-    if notes is not None:
-        lines += ["", "## Notes (written by hand, not produced by this command)", "", notes.read_text().strip()]
+    lines += notes_section(notes)
     out.write_text("\n".join(lines) + "\n")
 
 
